@@ -1,0 +1,1 @@
+"""service: the FastAPI inference service of M2."""

@@ -1,0 +1,1 @@
+"""training: synthetic data, dataset readers, prepare, training, evaluation, the m2 CLI."""
