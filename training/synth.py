@@ -1,0 +1,209 @@
+"""`m2 synth`: render synthetic clips of a person moving, in the Penn Action layout.
+
+    m2 synth --out DIR --clips N --seed S [--workers W] [--frames MIN MAX]
+
+writes `DIR/frames/NNNN/NNNNNN.jpg`, `DIR/labels/NNNN.mat` (Penn Action fields: x, y,
+visibility, action, pose, bbox, dimensions, nframes, train), `DIR/captions.json` (one
+caption per frame) and `DIR/synth.json` (generator version, seed, counts). Each clip is
+drawn from `(seed, clip index)` alone, so the output does not depend on `--workers`.
+
+Label conventions: x, y are continuous pixel coordinates of the written frame (the image
+spans [0, W] x [0, H]; pixel column k covers [k, k + 1)). Unlike Penn Action, invisible
+joints keep their true coordinates: joints hidden behind the body and joints outside
+the frame (negative or beyond W/H) are marked not visible but still located. `pose` is
+the way the person faces in the image (front / back / left / right). `bbox` (x1 y1 x2
+y2) bounds the drawn body, clipped to the frame.
+
+The figure, its motion and the motion blur are documented in `synth_motion` and
+`synth_render`; the captions in `synth_text`. `ACTIONS` lists the action labels and
+`action_keywords(action)` the words that name an action in a caption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.io
+from PIL import Image
+from tqdm import tqdm
+
+from training.synth_motion import ACTIONS
+from training.synth_render import background, render_frame
+from training.synth_scene import ClipSpec, sample_spec
+from training.synth_text import action_from_caption, action_keywords, caption
+
+__all__ = ["ACTIONS", "RenderedClip", "action_from_caption", "action_keywords", "generate",
+           "main", "render_clip", "sample_spec", "write_clip"]  # fmt: skip
+
+SYNTH_VERSION = "1"
+JPEG_QUALITY = 90
+MAX_CLIPS = 9999  # four-digit clip ids, as Penn Action
+
+
+@dataclass
+class RenderedClip:
+    """One rendered clip in memory: frames plus Penn-Action-style labels."""
+
+    spec: ClipSpec
+    frames: list[np.ndarray]  # (H, W, 3) uint8 each
+    x: np.ndarray  # (n, 13) float64 pixels
+    y: np.ndarray
+    visibility: np.ndarray  # (n, 13) bool
+    bbox: np.ndarray  # (n, 4) float64: x1 y1 x2 y2
+    captions: list[str]
+
+    @property
+    def clip_id(self) -> str:
+        return f"{self.spec.index:04d}"
+
+
+def render_clip(spec: ClipSpec) -> RenderedClip:
+    """Render every frame of a clip."""
+    bg = background(spec.scene)
+    n = spec.nframes
+    frames, x, y = [], np.zeros((n, 13)), np.zeros((n, 13))
+    vis, bbox = np.zeros((n, 13), bool), np.zeros((n, 4))
+    for i in range(n):
+        img, joints, vis[i], bbox[i] = render_frame(spec, bg, float(i))
+        frames.append(img)
+        x[i], y[i] = joints[:, 0], joints[:, 1]
+    caps = [caption(spec.style, spec.motion.action, spec.motion.phase(float(i))) for i in range(n)]
+    return RenderedClip(spec, frames, x, y, vis, bbox, caps)
+
+
+def write_clip(root: Path, clip: RenderedClip) -> None:
+    """Write a clip's frames and label file; each appears complete or not at all."""
+    cid, spec = clip.clip_id, clip.spec
+    final = root / "frames" / cid
+    tmp = root / "frames" / f".tmp-{cid}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for i, frame in enumerate(clip.frames):
+        Image.fromarray(frame).save(tmp / f"{i + 1:06d}.jpg", quality=JPEG_QUALITY)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    h, w = clip.frames[0].shape[:2]
+    label = {
+        "x": clip.x, "y": clip.y, "visibility": clip.visibility,
+        "action": spec.motion.action, "pose": spec.pose, "bbox": clip.bbox,
+        "dimensions": np.array([h, w, spec.nframes], np.float64),
+        "nframes": float(spec.nframes), "train": 1.0 if spec.train else -1.0,
+    }  # fmt: skip
+    labels = root / "labels"
+    labels.mkdir(parents=True, exist_ok=True)
+    tmp_mat = labels / f".tmp-{cid}-{os.getpid()}.mat"
+    scipy.io.savemat(tmp_mat, label, do_compression=True)
+    os.replace(tmp_mat, labels / f"{cid}.mat")
+
+
+def _job(root: str, seed: int, index: int, frames: tuple[int, int]) -> dict:
+    clip = render_clip(sample_spec(seed, index, frames))
+    write_clip(Path(root), clip)
+    spec = clip.spec
+    return {"id": clip.clip_id, "captions": clip.captions, "action": spec.motion.action,
+            "train": spec.train, "nframes": spec.nframes}  # fmt: skip
+
+
+def _write_json(path: Path, obj: object) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def generate(out: str | Path, clips: int, seed: int = 0, workers: int | None = None,
+             frames: tuple[int, int] = (60, 120), overwrite: bool = False,
+             progress: bool = True) -> dict:  # fmt: skip
+    """Render clips 1..`clips` into `out`; returns what synth.json records."""
+    if not 1 <= clips <= MAX_CLIPS:
+        raise ValueError(f"--clips must be between 1 and {MAX_CLIPS}, got {clips}")
+    if not 1 <= frames[0] <= frames[1]:
+        raise ValueError(f"--frames must satisfy 1 <= MIN <= MAX, got {frames[0]} {frames[1]}")
+    root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"--out {root} exists and is not a directory")
+    existing = [
+        p for p in ("frames", "labels", "captions.json", "synth.json") if (root / p).exists()
+    ]
+    if existing and not overwrite:
+        raise ValueError(
+            f"--out {root} already holds {', '.join(existing)}; pass --overwrite to replace it"
+        )
+    for name in existing:
+        target = root / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    (root / "frames").mkdir(parents=True, exist_ok=True)
+    (root / "labels").mkdir(parents=True, exist_ok=True)
+    workers = max(1, workers or os.cpu_count() or 1)
+    results: list[dict] = []
+    bar = tqdm(total=clips, desc="synth", unit="clip", disable=not progress)
+    if workers == 1:
+        for i in range(1, clips + 1):
+            results.append(_job(str(root), seed, i, frames))
+            bar.update()
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(_job, str(root), seed, i, frames) for i in range(1, clips + 1)]
+            for fut in as_completed(futures):
+                results.append(fut.result())
+                bar.update()
+    bar.close()
+    results.sort(key=lambda r: r["id"])
+    _write_json(root / "captions.json", {r["id"]: r["captions"] for r in results})
+    summary = {
+        "generator": "m2 synth", "version": SYNTH_VERSION, "seed": seed, "clips": clips,
+        "frames_range": list(frames), "frames": sum(r["nframes"] for r in results),
+        "train_clips": sum(r["train"] for r in results),
+        "test_clips": sum(not r["train"] for r in results),
+        "actions": dict(sorted(Counter(r["action"] for r in results).items())),
+    }  # fmt: skip
+    _write_json(root / "synth.json", summary)
+    return summary
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="m2 synth", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="output directory (Penn Action layout)")
+    p.add_argument("--clips", type=int, default=200, help="number of clips (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
+    p.add_argument("--frames", type=int, nargs=2, default=(60, 120), metavar=("MIN", "MAX"),
+                   help="clip length range in frames, inclusive (default 60 120)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace an existing data set in --out")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already printed usage + one error line
+        return int(e.code or 0)
+    if args.workers is not None and args.workers < 1:
+        print(f"m2 synth: error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    try:
+        summary = generate(args.out, args.clips, args.seed, args.workers, tuple(args.frames),
+                           overwrite=args.overwrite)  # fmt: skip
+    except (ValueError, OSError) as e:
+        print(f"m2 synth: error: {e}", file=sys.stderr)
+        return 2
+    took = time.perf_counter() - start
+    print(
+        f"wrote {summary['clips']} clips ({summary['frames']} frames) to {args.out} in {took:.1f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
