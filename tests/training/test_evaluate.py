@@ -1,0 +1,167 @@
+"""`m2 eval`: the metrics and baselines, the report's keys, the GIF pair, clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from m2core.tokenizers.text import TextTokenizer
+from training import metrics as M
+from training.evaluate import evaluate, main
+
+
+def test_pck_ade_fde_by_hand():
+    gt = np.zeros((1, 2, 13, 3))
+    gt[..., 2] = 1.0
+    gt[0, :, 12, 2] = 0.0  # joint 12 not visible: excluded whatever its error
+    pred = gt.copy()
+    pred[0, 0, :6, 0] += 0.02  # 6 joints off by 0.02 frame units at step 1
+    pred[0, 1, :, 0] += 0.1  # every joint off by 0.1 at step 2
+    pred[0, :, 12, 0] += 5.0
+    scale = np.array([0.5])  # errors in person scales: 0.04 and 0.2
+    m = M.forecast_metrics(pred, gt, scale)
+    assert m["pck@0.05"] == pytest.approx([1.0, 0.0])  # 0.04 < 0.05 < 0.2
+    assert m["ade"] == pytest.approx((6 * 0.04 + 12 * 0.2) / 24)
+    assert m["fde"] == pytest.approx(0.2)
+
+
+def test_baselines_are_exact_on_the_motion_they_assume():
+    rng = np.random.default_rng(0)
+    now = np.concatenate([rng.random((5, 13, 2)), np.ones((5, 13, 1))], -1)
+    vel = rng.normal(0, 0.01, (5, 13, 2))
+    prev = now.copy()
+    prev[..., :2] -= vel
+    offsets = [1, 2, 3, 4, 5, 6]
+    linear = np.repeat(now[:, None], 6, 1)
+    linear[..., :2] += np.asarray(offsets)[None, :, None, None] * vel[:, None]
+    scale = np.full(5, 0.3)
+    assert M.forecast_metrics(M.constant_velocity(now, prev, offsets), linear, scale)["ade"] < 1e-9
+    still = np.repeat(now[:, None], 6, 1)
+    assert M.forecast_metrics(M.zero_velocity(now, 6), still, scale)["fde"] == 0.0
+    prev[0, 3, 2] = 0.0  # unseen at t-1: that joint keeps zero velocity
+    assert np.allclose(M.constant_velocity(now, prev, offsets)[0, :, 3, :2], now[0, 3, :2])
+
+
+def test_person_scale_is_the_longer_box_side():
+    assert M.person_scale(
+        np.array([[0.1, 0.2, 0.3, 0.7], [0.0, 0.0, 0.0, 0.0]])
+    ).tolist() == pytest.approx([0.5, 1e-3])
+
+
+def test_bleu():
+    assert M.bleu(["a man waves his arm"], ["a man waves his arm"]) == pytest.approx(1.0)
+    assert M.bleu(["a man waves his arm"], ["dogs bark"]) == 0.0
+    # no four-gram in common: corpus BLEU-4 without smoothing is 0
+    assert M.bleu(["a man waves his arm"], ["a man waves her arm"]) == 0.0
+    # 5/6 words, 4/5 bigrams, 3/4 trigrams, 2/3 four-grams; equal lengths: no penalty
+    got = M.bleu(["the person does jumping jacks now"], ["the person does jumping jacks today"])
+    assert got == pytest.approx((5 / 6 * 4 / 5 * 3 / 4 * 2 / 3) ** 0.25)
+    short = M.bleu(["the person does jumping jacks now"], ["the person does jumping jacks"])
+    assert short == pytest.approx(np.exp(1 - 6 / 5))  # all n-grams match; brevity penalty only
+
+
+def test_caption_names_the_action():
+    assert M.names_action("a woman doing jumping jacks in a grey room", "jumping_jacks")
+    assert not M.names_action("a woman squatting in a grey room", "jumping_jacks")
+    assert M.names_action("a person doing a tennis serve", "tennis_serve")  # Penn Action label
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    from m2core.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
+    from training.prepare import PrepareOptions, prepare
+    from training.synth import generate
+    from training.train import train
+
+    tmp = tmp_path_factory.mktemp("eval")
+    generate(tmp / "synth", clips=3, seed=4, workers=1, frames=(20, 22), progress=False)
+    torch.manual_seed(0)
+    tok = ImageTokenizer(ImageTokenizerConfig(levels=(4, 4), channels=(8, 8, 16, 16), res_blocks=0))
+    prepare(
+        PrepareOptions(
+            tmp / "synth",
+            tok.save_pretrained(tmp / "tok"),
+            tmp / "prep",
+            workers=0,
+            val_fraction=0.4,
+        )
+    )
+    res = train({"data_dir": str(tmp / "prep"), "output_dir": str(tmp / "run"), "batch_size": 4,
+                 "num_tokens_per_sample": 64, "total_tokens": "512", "warmup_tokens": "256",
+                 "model_preset": "tiny", "model": {"dim": 32, "heads": 2, "enc_layers": 1, "dec_layers": 1},
+                 "eval_interval": 0, "checkpoint_interval": 0, "num_workers": 0, "cpu": True})  # fmt: skip
+    return res.final_dir, tmp / "prep"
+
+
+def test_report_has_the_designed_keys_and_honest_baselines(trained, tmp_path):
+    ckpt, data = trained
+    report = evaluate(ckpt, data, tmp_path, samples=4, batch_size=4, gifs=2, maskgit_steps=1)
+    saved = json.loads((tmp_path / "report.json").read_text())
+    now, nxt = np.load(data / "val" / "tok_rgb.npy"), np.load(data / "val" / "tok_rgb_next.npy")
+    assert saved["samples"] == report["samples"] == min(4, len(now)) and saved["clips"] >= 1
+    assert set(saved["ce"]) == {
+        "tok_rgb",
+        "coords",
+        "captions",
+        "tok_rgb_next",
+        "coords_next",
+        "mean",
+    }
+    cn = saved["coords_next"]
+    for m in (cn, cn["zero_velocity"], cn["constant_velocity"]):
+        assert len(m["pck@0.05"]) == 6 and m["ade"] >= 0 and m["fde"] >= 0
+    assert 0 <= saved["coords"]["pck@0.05"] <= 1
+    assert {"token_accuracy", "copy_current"} <= set(saved["tok_rgb_next"])
+    assert {"token_accuracy", "action_accuracy", "bleu"} <= set(saved["captions"])
+    meta = json.loads((data / "meta.json").read_text())
+    text = TextTokenizer.load(data)
+    caps, acts = np.load(data / "val" / "captions.npy"), np.load(data / "val" / "action.npy")
+    named = [
+        M.names_action(text.decode(c.astype(np.int64)), meta["actions"][a])
+        for c, a in zip(caps, acts, strict=True)
+    ]
+    assert saved["captions"]["action_accuracy_reference"] == pytest.approx(np.mean(named))
+    assert 0 <= saved["captions"]["action_accuracy"] <= 1
+    # the baselines are what they claim: recompute the copy baseline from the shards
+    assert len(now) <= 4  # so every validation sample was evaluated
+    assert saved["tok_rgb_next"]["copy_current"]["token_accuracy"] == pytest.approx(
+        (now == nxt).mean()
+    )
+    assert "| zero velocity |" in (tmp_path / "report.md").read_text()
+    for name in ("original", "predicted"):
+        gif = Image.open(tmp_path / f"pose_future_{name}.gif")
+        assert gif.n_frames == 7 and gif.size[1] == 256
+
+
+def test_cli_errors(trained, tmp_path, capsys):
+    ckpt, data = trained
+    assert (
+        main(["--checkpoint", str(tmp_path), "--data", str(data), "--out", str(tmp_path / "o")])
+        == 2
+    )
+    assert capsys.readouterr().err.strip().startswith("m2 eval: error:")
+    assert (
+        main(["--checkpoint", str(ckpt), "--data", str(tmp_path), "--out", str(tmp_path / "o")])
+        == 2
+    )
+    assert "meta.json" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(ckpt),
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "o"),
+                "--samples",
+                "0",
+            ]
+        )
+        == 2
+    )

@@ -1,0 +1,165 @@
+"""train(): the tiny end-to-end run, exact resume, atomic checkpoints, optimizer groups, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training import train_state as ts
+from training.train import main, param_groups, train
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = {
+    "batch_size": 4, "num_tokens_per_sample": 64, "total_tokens": "1536", "warmup_tokens": "512",
+    "model_preset": "tiny", "model": {"dim": 32, "heads": 2, "enc_layers": 1, "dec_layers": 1},
+    "eval_interval": "768", "eval_samples": 8, "checkpoint_interval": "512", "keep_checkpoints": 2,
+    "num_workers": 0, "log_interval": 1, "cpu": True, "lr": 3e-3,
+}  # fmt: skip
+
+
+def _prepare(tmp: Path, tokenizer: Path, clips: int = 4) -> Path:
+    from training.prepare import PrepareOptions, prepare
+    from training.synth import generate
+
+    generate(tmp / "synth", clips=clips, seed=1, workers=1, frames=(20, 24), progress=False)
+    prepare(PrepareOptions(tmp / "synth", tokenizer, tmp / "prep", workers=0, val_fraction=0.3))
+    return tmp / "prep"
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    from m2core.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
+
+    tmp = tmp_path_factory.mktemp("train")
+    torch.manual_seed(0)
+    tok = ImageTokenizer(ImageTokenizerConfig(levels=(4, 4), channels=(8, 8, 16, 16), res_blocks=0))
+    return _prepare(tmp, tok.save_pretrained(tmp / "tok"))
+
+
+@pytest.mark.slow
+def test_end_to_end_synth_tokenizer_prepare_train_eval(tmp_path):
+    from m2core.checkpoint import load_checkpoint
+    from m2core.generate import GenerationConfig, generate
+    from training.evaluate import main as eval_main
+    from training.synth import generate as synth
+    from training.train_tokenizer import main as tok_main
+
+    synth(tmp_path / "synth", clips=3, seed=2, workers=1, frames=(20, 22), progress=False)
+    assert tok_main(["--data", str(tmp_path / "synth"), "--out", str(tmp_path / "tok"), "steps=2",
+                     "batch_size=2", "channels=[8,8,16,16]", "res_blocks=0", "levels=[4,4]",
+                     "val_frames=2", "eval_frames=2", "max_train_frames=16"]) == 0  # fmt: skip
+    from training.prepare import main as prep_main
+
+    assert prep_main(["--data", str(tmp_path / "synth"), "--tokenizer", str(tmp_path / "tok"),
+                      "--out", str(tmp_path / "prep"), "--workers", "0", "--val-fraction", "0.4"]) == 0  # fmt: skip
+    res = train({**TINY, "data_dir": str(tmp_path / "prep"), "output_dir": str(tmp_path / "run")})
+    assert res.final_dir == tmp_path / "run" / "final" and res.tokens >= 1536
+    assert all(np.isfinite(res.losses)) and set(res.val) >= {"coords", "coords_next", "mean"}
+    bundle = load_checkpoint(res.final_dir)  # m2core loads what training exported
+    assert bundle.image_tokenizer is not None and bundle.text_tokenizer is not None
+    card = (res.final_dir / "MODEL_CARD.md").read_text()
+    assert "Validation cross-entropy" in card and "batch_size: 4" in card
+    tok = np.load(tmp_path / "prep" / "val" / "tok_rgb.npy")[:1].astype(np.int64)
+    out = generate(
+        bundle.model, {"tok_rgb": torch.from_numpy(tok)}, GenerationConfig(maskgit_steps=1)
+    )
+    assert out.coords_next.shape == (1, 1, 234)
+    # logs: per-modality training losses and validation CE, as CSV
+    rows = (tmp_path / "run" / "logs" / "metrics.csv").read_text().splitlines()
+    keys = {r.split(",")[1] for r in rows[1:]}
+    assert {"train/loss", "tokens_per_s", "val/ce_mean", "train/ce_coords_next"} <= keys
+    assert eval_main(["--checkpoint", str(res.final_dir), "--data", str(tmp_path / "prep"),
+                      "--out", str(tmp_path / "eval"), "--samples", "4", "--maskgit-steps", "1",
+                      "--gifs", "2"]) == 0  # fmt: skip
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert len(report["coords_next"]["pck@0.05"]) == 6 and "zero_velocity" in report["coords_next"]
+    assert (tmp_path / "eval" / "pose_future_predicted.gif").stat().st_size > 0
+
+
+def test_resumed_run_gives_the_same_losses(prepared, tmp_path):
+    cfg = {**TINY, "data_dir": str(prepared), "num_workers": 1}
+    whole = train({**cfg, "output_dir": str(tmp_path / "a")})
+    first = train({**cfg, "output_dir": str(tmp_path / "b"), "stop_after_steps": 3})
+    assert first.final_dir is None and first.step == 3
+    rest = train({**cfg, "output_dir": str(tmp_path / "b")})  # resume=auto
+    assert len(whole.losses) == 6 and len(first.losses) + len(rest.losses) == 6
+    assert first.losses + rest.losses == pytest.approx(whole.losses, rel=1e-6, abs=1e-6)
+    assert rest.val == pytest.approx(whole.val, rel=1e-5)
+    # checkpoints every 512 tokens (2 steps), only the newest 2 kept
+    names = [p.name for p in ts.list_checkpoints(tmp_path / "b" / "checkpoints")]
+    assert names == ["step-00000004", "step-00000006"]
+    # the CSV reads as one run: no step logged twice
+    steps = [
+        json.loads(r)["step"]
+        for r in (tmp_path / "b" / "logs" / "metrics.jsonl").read_text().splitlines()
+    ]
+    train_steps = [s for s, r in zip(steps, (tmp_path / "b" / "logs" / "metrics.jsonl").read_text().splitlines(),
+                                     strict=True) if "train/loss" in r]  # fmt: skip
+    assert train_steps == list(range(1, 7))
+
+
+def test_interrupted_checkpoint_write_is_ignored(prepared, tmp_path):
+    """What `kill -9` during a save leaves (a .tmp dir, or a dir without state.json) is never
+    taken for a checkpoint; the previous one loads and resume continues from it."""
+    cfg = {**TINY, "data_dir": str(prepared), "output_dir": str(tmp_path / "r")}
+    train({**cfg, "stop_after_steps": 2})
+    root = tmp_path / "r" / "checkpoints"
+    good = ts.latest_checkpoint(root)
+    half = root / ".tmp-step-00000004-999"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"\0" * 10)
+    bare = root / "step-00000005"  # a renamed dir must have state.json to count
+    bare.mkdir()
+    assert ts.latest_checkpoint(root) == good
+    res = train({**cfg, "stop_after_steps": 4})
+    assert res.step == 4 and not half.exists()
+    assert ts.latest_checkpoint(root).name == "step-00000004"
+
+
+def test_weight_decay_skips_norms_biases_and_embeddings():
+    from m2core.model import M2Config, M2Model
+
+    model = M2Model(M2Config.from_preset("tiny", dim=32, heads=2, enc_layers=1, dec_layers=1))
+    decay, rest = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.05 and rest["weight_decay"] == 0.0
+    no_decay = {names[id(p)] for p in rest["params"]}
+    assert {"tok_emb.weight", "mod_emb.weight", "mask_token", "enc_norm.weight"} <= no_decay
+    assert all(p.ndim == 2 and "emb" not in names[id(p)] for p in decay["params"])
+    assert len(decay["params"]) + len(rest["params"]) == len(list(model.parameters()))
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert capsys.readouterr().err.strip().startswith("m2 train: error: config file")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data_dir: {tmp_path / 'nothing'}\noutput_dir: {tmp_path / 'o'}\ncpu: true\n")
+    assert main(["--config", str(cfg)]) == 2
+    assert "run `m2 prepare` first" in capsys.readouterr().err
+    assert main(["--config", str(cfg), "bogus_key=1"]) == 2
+    assert "unknown config key 'bogus_key'" in capsys.readouterr().err
+
+
+def test_script_prints_the_plan_of_m2_base(tmp_path):
+    """`train.py --config configs/m2-base.yaml` states the original run's plan on start."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "training" / "train.py"),
+            "--config",
+            str(REPO / "configs" / "m2-base.yaml"),
+            f"data_dir={tmp_path}",
+            "cpu=true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2  # no prepared data there, after printing the plan
+    assert "38,147 steps (3,815 warmup)" in proc.stderr and "131,072 tokens/step" in proc.stderr

@@ -1,0 +1,81 @@
+"""Data parallel on CPU: `torchrun --nproc_per_node 2 training/train.py` (gloo, MULTI_CPU)
+matches one process with two accumulation steps at the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(cmd: list[str], env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run in a new session so a timeout also ends torchrun's worker processes."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _losses(run: Path) -> list[float]:
+    rows = [json.loads(r) for r in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    return [r["train/loss"] for r in rows if "train/loss" in r]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_at_the_same_global_batch(tmp_path):
+    from m2core.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
+    from training.prepare import PrepareOptions, prepare
+    from training.synth import generate
+
+    generate(tmp_path / "synth", clips=3, seed=3, workers=1, frames=(20, 22), progress=False)
+    torch.manual_seed(0)
+    tok = ImageTokenizer(ImageTokenizerConfig(levels=(4, 4), channels=(8, 8, 16, 16), res_blocks=0))
+    prepare(
+        PrepareOptions(
+            tmp_path / "synth", tok.save_pretrained(tmp_path / "tok"), tmp_path / "prep", workers=0
+        )
+    )
+    cfg = {
+        "data_dir": str(tmp_path / "prep"), "batch_size": 2, "num_tokens_per_sample": 64,
+        "total_tokens": "768", "warmup_tokens": "256", "model_preset": "tiny",
+        "model": {"dim": 32, "heads": 2, "enc_layers": 1, "dec_layers": 1}, "eval_interval": 0,
+        "checkpoint_interval": 0, "num_workers": 0, "log_interval": 1, "cpu": True, "resume": "none",
+    }  # fmt: skip
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    script = str(REPO / "training" / "train.py")
+    one = _run(
+        [
+            sys.executable,
+            script,
+            "--config",
+            str(path),
+            f"output_dir={tmp_path / 'one'}",
+            "grad_accum=2",
+        ],
+        env,
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                script, "--config", str(path), f"output_dir={tmp_path / 'two'}"], env)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "2 device(s) x batch -> global batch 4 samples" in two.stderr
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(a) == len(b) == 3
+    assert b == pytest.approx(a, rel=1e-4, abs=1e-4)
+    assert (tmp_path / "two" / "final" / "model.safetensors").is_file()

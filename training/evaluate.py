@@ -1,0 +1,309 @@
+"""`m2 eval`: a checkpoint against the validation split, beside the plain baselines.
+
+    m2 eval --checkpoint runs/m2-tiny/final --data data/prepared --out runs/eval
+
+Writes `report.json` (the keys of DESIGN section 11 and more), `report.md` (the same as
+tables) and `pose_future_original.gif` / `pose_future_predicted.gif` (a few validation
+clips side by side: the skeleton now, then six future skeletons, over the decoded frame).
+
+Protocols (all on a fixed, seeded subset of the split):
+- `ce`: per modality, the model sees every token of the other current modalities
+  (tok_rgb, coords, captions minus the target) and predicts all tokens of the target
+  (captions teacher-forced). `masked_ce` is the training-style number (Dirichlet masks
+  with a fixed seed), comparable with the validation CE logged during training.
+- `coords`: generated from the frame alone. `coords_next`, `tok_rgb_next`: generated from
+  the frame and the true skeleton at t (the same information the baselines get).
+  `captions`: teacher-forced token accuracy; BLEU and "names the action" on captions
+  generated from the frame and the true skeleton. Generation is greedy (temperature 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from training import metrics as M
+from training.data import MaskedDataset, Shards, load_meta
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+NOW = ("tok_rgb", "coords", "captions")
+
+
+def full_batch(
+    rows: dict[str, torch.Tensor], names: tuple[str, ...], inputs: list[str], target: str
+) -> dict[str, torch.Tensor]:
+    """The model's batch format with every token of `inputs` in, every token of `target` out."""
+    B = rows["tok_rgb"].shape[0]
+
+    def slots(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = rows[name]
+        pos = torch.arange(x.shape[1]).expand(B, -1)
+        valid = torch.ones_like(x, dtype=torch.bool)
+        if name == "captions":  # bos is implied; pad is absent
+            valid = (x != 0) & (pos > 0)
+        return x, pos, valid
+
+    enc = [slots(n) for n in inputs]
+    ids, pos, valid = (torch.cat(t, 1) for t in zip(*enc, strict=True))
+    mod = torch.cat([torch.full_like(slots(n)[0], names.index(n)) for n in inputs], 1)
+    x, tpos, tvalid = slots(target)
+    if target == "captions":
+        query = torch.roll(x, 1, 1)  # teacher forcing: query i carries token i-1
+        labels = torch.where(tvalid, x, IGNORE)
+    else:
+        query, labels = torch.full_like(x, -1), x.clone()
+    return {
+        "enc_ids": ids, "enc_mod": mod, "enc_pos": pos, "enc_valid": valid,
+        "dec_query": query, "dec_mod": torch.full_like(x, names.index(target)), "dec_pos": tpos,
+        "dec_valid": tvalid, "dec_labels": labels,
+    }  # fmt: skip
+
+
+def _ce_and_acc(model, batch) -> tuple[float, int, int]:
+    logits, _ = model(batch)
+    (name,) = logits
+    y = batch["dec_labels"].flatten()[(batch["dec_valid"]).flatten()]
+    keep = y != IGNORE
+    lg = logits[name][keep]
+    y = y[keep]
+    ce = torch.nn.functional.cross_entropy(lg.float(), y, reduction="sum")
+    return float(ce), int(y.numel()), int((lg.argmax(-1) == y).sum())
+
+
+def choose_rows(n: int, samples: int, seed: int) -> np.ndarray:
+    return np.sort(np.random.default_rng(seed).permutation(n)[: min(samples, n)])
+
+
+def evaluate(
+    checkpoint: str | Path, data: str | Path, out: str | Path, split: str = "val", samples: int = 256,
+    batch_size: int = 16, gifs: int = 4, maskgit_steps: int = 8, seed: int = 0,
+) -> dict[str, Any]:  # fmt: skip
+    """Run every metric; write report.json, report.md and the GIF pair into `out`."""
+    from m2core.checkpoint import load_checkpoint
+    from m2core.generate import GenerationConfig, generate
+    from m2core.masking import MaskingConfig, collate, mask_sample
+    from m2core.tokenizers.pose import PoseTokenizer
+    from training.losses import modality_ce
+
+    meta = load_meta(data)
+    shards = Shards(data, split, meta)
+    if len(shards) == 0:
+        raise ValueError(f"{data}: split {split!r} has no samples")
+    bundle = load_checkpoint(checkpoint)
+    model = bundle.model.eval()
+    mc = model.config
+    for key in ("image_vocab", "text_vocab", "caption_len"):
+        if getattr(mc, key) != meta[key]:
+            raise ValueError(
+                f"checkpoint {checkpoint} has {key}={getattr(mc, key)} but {data} has {meta[key]}: different tokenizers"
+            )
+    text_tok = bundle.text_tokenizer
+    if text_tok is not None and text_tok.sha256 != meta.get("tokenizers", {}).get(
+        "text_sha256", text_tok.sha256
+    ):
+        raise ValueError(f"checkpoint {checkpoint} and {data} use different text tokenizers")
+    pose = PoseTokenizer()
+    rows = choose_rows(len(shards), samples, seed)
+    names = model.names
+    A = shards.arrays
+    offsets = meta.get("future_offsets", list(range(1, 7)))
+    ce_sum = {n: [0.0, 0, 0] for n in names}
+    masked: dict[str, list[float]] = {}
+    mcfg = MaskingConfig(mc.input_tokens, mc.target_tokens)
+    mdata = MaskedDataset(shards, lambda s, g: mask_sample(s, mcfg, g), seed + 1)
+    gen_cfg = GenerationConfig(maskgit_steps=maskgit_steps, temperature=0.0, seed=seed)
+    pred_now, pred_next, pred_rgb, captions = [], [], [], []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(rows), batch_size), desc="eval", unit="batch"):
+            r = rows[i : i + batch_size]
+            full = shards.modalities(r)
+            for target in names:
+                ins = [n for n in NOW if n != target]
+                ce, n, ok = _ce_and_acc(model, full_batch(full, names, ins, target))
+                s = ce_sum[target]
+                s[0], s[1], s[2] = s[0] + ce, s[1] + n, s[2] + ok
+            mb = collate([mdata[int(p)] for p in range(i, i + len(r))])
+            for name, (ce, k) in modality_ce(model(mb)[0], mb, names).items():
+                acc_ = masked.setdefault(name, [0.0, 0])
+                acc_[0], acc_[1] = acc_[0] + float(ce), acc_[1] + int(k)
+            a = generate(model, {"tok_rgb": full["tok_rgb"]}, gen_cfg)
+            b = generate(model, {"tok_rgb": full["tok_rgb"], "coords": full["coords"]}, gen_cfg)
+            pred_now.append(a.coords.numpy())
+            pred_next.append(b.coords_next[:, 0].numpy())
+            pred_rgb.append(b.tok_rgb_next[:, 0].numpy())
+            captions += b.captions
+
+    gt_now = pose.decode(np.asarray(A["coords"][rows], np.int64))
+    gt_next = pose.decode_future(np.asarray(A["coords_next"][rows], np.int64))
+    gt_prev = pose.decode(np.asarray(A["coords_prev"][rows], np.int64))
+    scale = M.person_scale(np.asarray(A["bbox"][rows]))
+    p_next = pose.decode_future(np.concatenate(pred_next), strict=False)
+    p_now = pose.decode(np.concatenate(pred_now), strict=False)
+    err_now = M.normalised_errors(p_now[..., :2], gt_now[..., :2], scale)
+    ce = {n: s[0] / s[1] for n, s in ce_sum.items() if s[1]}
+    ce["mean"] = float(np.mean(list(ce.values())))
+    mce = {n: s[0] / s[1] for n, s in masked.items() if s[1]}
+    mce["mean"] = float(np.mean(list(mce.values()))) if mce else float("nan")
+    report: dict[str, Any] = {
+        "samples": len(rows), "clips": len(set(np.asarray(A["clip"][rows]).tolist())), "split": split,
+        "checkpoint": str(checkpoint), "version": getattr(bundle, "version", None),
+        "ce": ce, "masked_ce": mce,
+        "coords_next": {**M.forecast_metrics(p_next, gt_next, scale),
+                        "zero_velocity": M.forecast_metrics(M.zero_velocity(gt_now, 6), gt_next, scale),
+                        "constant_velocity": M.forecast_metrics(M.constant_velocity(gt_now, gt_prev, offsets), gt_next, scale)},
+        "coords": {"pck@0.05": M.pck(err_now, gt_now[..., 2] > 0.5)},
+    }  # fmt: skip
+    report["tok_rgb_next"] = _image_metrics(bundle, np.concatenate(pred_rgb), A, rows, batch_size)
+    report["captions"] = _caption_metrics(text_tok, captions, A, rows, meta, ce_sum["captions"])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "report.json", json.dumps(report, indent=1, default=_nan_none) + "\n")
+    _write_atomic(out / "report.md", markdown(report))
+    if gifs:
+        from training.eval_gifs import write_gif_pair
+
+        write_gif_pair(out, bundle.image_tokenizer, A, rows, gt_now, gt_next, p_next, gifs)
+    return report
+
+
+def _image_metrics(bundle, pred: np.ndarray, A, rows, batch: int) -> dict[str, Any]:
+    truth = np.asarray(A["tok_rgb_next"][rows], np.int64)
+    now = np.asarray(A["tok_rgb"][rows], np.int64)
+    res: dict[str, Any] = {"token_accuracy": M.token_accuracy(pred, truth),
+                           "copy_current": {"token_accuracy": M.token_accuracy(now, truth)}}  # fmt: skip
+    tok = bundle.image_tokenizer
+    if tok is not None:
+        from m2core.tokenizers.image import psnr
+
+        def dec(x: np.ndarray) -> np.ndarray:
+            return np.concatenate(
+                [
+                    tok.decode(x[i : i + batch].reshape(-1, 16, 16)).numpy()
+                    for i in range(0, len(x), batch)
+                ]
+            )
+
+        ref = dec(truth)
+        res["psnr"] = float(psnr(dec(pred), ref).mean())
+        res["copy_current"]["psnr"] = float(psnr(dec(now), ref).mean())
+        res["psnr_reference"] = "decoded ground-truth tokens of frame t+S"
+    return res
+
+
+def _caption_metrics(
+    text_tok, generated: list[list[int]], A, rows, meta, tf: list
+) -> dict[str, Any]:
+    res: dict[str, Any] = {"token_accuracy": tf[2] / tf[1] if tf[1] else float("nan")}
+    if text_tok is None:
+        return res
+    truth = [text_tok.decode(np.asarray(c, np.int64)) for c in A["captions"][rows]]
+    hyps = [text_tok.decode(np.asarray(c, np.int64)) for c in generated]
+    actions = [meta["actions"][int(a)] for a in A["action"][rows]] if meta.get("actions") else []
+    res["bleu"] = M.bleu(truth, hyps)
+    if actions:
+        res["action_accuracy"] = float(
+            np.mean([M.names_action(h, a) for h, a in zip(hyps, actions, strict=True)])
+        )
+        res["action_accuracy_reference"] = float(
+            np.mean([M.names_action(t, a) for t, a in zip(truth, actions, strict=True)])
+        )
+    res["examples"] = [
+        {"reference": t, "generated": h} for t, h in list(zip(truth, hyps, strict=True))[:5]
+    ]
+    return res
+
+
+def _nan_none(x: Any) -> Any:
+    return None if isinstance(x, float) and x != x else str(x)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _f(x: Any) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and x != x) else f"{x:.3f}"
+
+
+def markdown(r: dict[str, Any]) -> str:
+    cn = r["coords_next"]
+    lines = [f"# M2 evaluation: {r['samples']} samples from {r['clips']} clips ({r['split']} split)", "",
+             "## Cross-entropy per modality", "", "| modality | CE (all other current modalities in) | masked CE |", "|---|---|---|"]  # fmt: skip
+    for k, v in r["ce"].items():
+        lines.append(f"| {k} | {_f(v)} | {_f(r['masked_ce'].get(k))} |")
+    lines += ["", "## Future skeletons (`coords_next`)", "",
+              "| method | " + " | ".join(f"PCK@0.05 t+{i + 1}" for i in range(len(cn["pck@0.05"]))) + " | ADE | FDE |",
+              "|---" * (len(cn["pck@0.05"]) + 3) + "|"]  # fmt: skip
+    for label, m in (
+        ("M2", cn),
+        ("zero velocity", cn["zero_velocity"]),
+        ("constant velocity", cn["constant_velocity"]),
+    ):
+        lines.append(
+            f"| {label} | "
+            + " | ".join(_f(x) for x in m["pck@0.05"])
+            + f" | {_f(m['ade'])} | {_f(m['fde'])} |"
+        )
+    t, c = r["tok_rgb_next"], r["captions"]
+    lines += ["", "ADE / FDE in person scales (longer side of the box at t); invisible joints excluded.", "",
+              f"Skeleton now from the frame alone: PCK@0.05 {_f(r['coords']['pck@0.05'])}", "",
+              "## Next key frame (`tok_rgb_next`)", "", "| method | token accuracy | PSNR (dB) |", "|---|---|---|",
+              f"| M2 | {_f(t['token_accuracy'])} | {_f(t.get('psnr'))} |",
+              f"| copy current frame | {_f(t['copy_current']['token_accuracy'])} | {_f(t['copy_current'].get('psnr'))} |",
+              "", "## Captions", "", "| token accuracy (teacher-forced) | names the action | BLEU-4 |", "|---|---|---|",
+              f"| {_f(c['token_accuracy'])} | {_f(c.get('action_accuracy'))} | {_f(c.get('bleu'))} |", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="m2 eval", description="Evaluate a checkpoint against baselines."
+    )
+    p.add_argument("--checkpoint", required=True, type=Path, help="serving checkpoint directory")
+    p.add_argument("--data", required=True, type=Path, help="folder written by m2 prepare")
+    p.add_argument(
+        "--out", required=True, type=Path, help="where report.json / report.md / GIFs go"
+    )
+    p.add_argument("--split", default="val", choices=("train", "val", "test"))
+    p.add_argument("--samples", type=int, default=256, help="samples evaluated (seeded subset)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--gifs", type=int, default=4, help="clips shown in the GIF pair (0 = none)")
+    p.add_argument("--maskgit-steps", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.samples < 1 or a.batch_size < 1 or a.gifs < 0 or a.maskgit_steps < 1:
+        print(
+            "m2 eval: error: --samples, --batch-size, --maskgit-steps must be >= 1, --gifs >= 0",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        r = evaluate(
+            a.checkpoint,
+            a.data,
+            a.out,
+            a.split,
+            a.samples,
+            a.batch_size,
+            a.gifs,
+            a.maskgit_steps,
+            a.seed,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        print(f"m2 eval: error: {e}", file=sys.stderr)
+        return 2
+    print(markdown(r))
+    print(f"wrote {a.out / 'report.json'}")
+    return 0

@@ -1,0 +1,407 @@
+"""`m2 prepare`: Penn-Action-layout clips -> token shards that training memory-maps.
+
+For every clip: key frames t = 0, S, 2S, ... (while t + S is in the clip) are loaded,
+letterboxed to 256x256 and tokenized with the image tokenizer; a sample holds frame t
+(`tok_rgb`), frame t + S (`tok_rgb_next`), the joints at t (`coords`) and at six frames
+spread up to t + S (`coords_next`: t+1 ... t+6 for S = 6), one caption for frame t, plus
+what evaluation needs (joints at t - 1 for the constant-velocity baseline, the person's
+box at t, clip, frame and action ids).
+
+Captions come from the dataset's `captions.json` (the synthetic side file), else from
+the action label through a template, or from a local BLIP (`--captioner blip:PATH`).
+The compact text vocabulary is built from the training captions only.
+
+Splits are by clip, never by frame: Penn Action's own test flag gives `test`, and a
+seeded share of the training clips gives `val`.
+
+Output (`--out DIR`): `DIR/<split>/<array>.npy` (open with `np.load(mmap_mode="r")`),
+`DIR/text_tokenizer.json`, `DIR/image_tokenizer/`, and `DIR/meta.json`, written last:
+a directory without `meta.json` is incomplete. Per-clip results are cached under
+`DIR/.work/` as they finish, so an interrupted run picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from training.captioners import BlipCaptioner, parse_captioner
+from training.prepare_clip import PrepareError, future_offsets, read_clip_samples
+
+log = logging.getLogger(__name__)
+
+FORMAT = "m2-shards/1"
+SPLITS = ("train", "val", "test")
+# name -> (columns per sample or None for 1-D, dtype); ids are uint16 when they fit.
+ARRAYS = ("tok_rgb", "tok_rgb_next", "coords", "coords_next", "coords_prev", "captions",
+          "bbox", "clip", "frame", "action")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    data: Path
+    tokenizer: Path
+    out: Path
+    stride: int = 6
+    captioner: str = "template"
+    val_fraction: float = 0.1
+    seed: int = 0
+    workers: int = 2
+    caption_len: int = 32
+    caption_vocab: str = "compact"
+    batch_size: int = 32
+    skip_bad: bool = False
+    device: str = "auto"  # tokenizer / BLIP: auto = cuda when present
+
+
+# --- the job ------------------------------------------------------------------------------
+
+
+def file_sha256(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _save_atomic_npz(path: Path, **arrays: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def _save_atomic_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _ids_dtype(vocab: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab <= np.iinfo(np.uint16).max + 1 else np.dtype(np.int32)
+
+
+def prepare(opts: PrepareOptions) -> dict[str, Any]:
+    """Run the whole job; return the meta.json contents."""
+    import torch
+
+    from m2core.tokenizers.image import ImageTokenizer, resolve_dir
+    from m2core.tokenizers.text import TextTokenizer
+    from training.penn_action import list_clips
+
+    if opts.stride < 1:
+        raise ValueError(f"--stride must be >= 1, got {opts.stride}")
+    if not 0 <= opts.val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {opts.val_fraction}")
+    if not opts.data.is_dir():
+        raise FileNotFoundError(f"--data {opts.data}: no such directory")
+    kind, blip_path = parse_captioner(opts.captioner)
+    tok_dir = resolve_dir(opts.tokenizer)
+    device = (
+        ("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto" else opts.device
+    )
+    image_tok = ImageTokenizer.from_pretrained(tok_dir, device=device)
+    tok_hash = file_sha256(tok_dir / "config.json", tok_dir / "model.safetensors")
+    clip_ids = list_clips(opts.data)
+    if not clip_ids:
+        raise PrepareError(
+            f"--data {opts.data}: no clips found (expected frames/NNNN/ and labels/NNNN.mat)"
+        )
+
+    out = opts.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "meta.json").unlink(missing_ok=True)  # from now on the folder reads as incomplete
+    work = out / ".work"
+    job = {"format": FORMAT, "data": str(opts.data.resolve()), "stride": opts.stride,
+           "captioner": opts.captioner, "image_tokenizer_sha256": tok_hash}  # fmt: skip
+    job_file = work / "job.json"
+    if job_file.is_file() and json.loads(job_file.read_text()) != job:
+        log.info("settings changed since the cached run: starting over")
+        shutil.rmtree(work)
+    (work / "clips").mkdir(parents=True, exist_ok=True)
+    write_json_atomic(job_file, job)
+
+    todo = [c for c in clip_ids if not (work / "clips" / f"{c}.npz").is_file()]
+    if len(todo) < len(clip_ids):
+        log.info(
+            "resuming: %d of %d clips already prepared", len(clip_ids) - len(todo), len(clip_ids)
+        )
+    # BLIP words and GPT-2 tokens are about one to one: generate what a caption can hold
+    blip = BlipCaptioner(blip_path, device, opts.caption_len - 2) if kind == "blip" else None
+    bad: list[str] = []
+    with torch.inference_mode():
+        for clip_id, res in _clip_results(opts, todo, bad):
+            if blip is not None:
+                keys = np.arange(len(res["frame"]))
+                res["captions"] = np.asarray(
+                    _batched(blip, res["images"][keys], opts.batch_size), dtype=str
+                )
+            ids = _tokenize(image_tok, res.pop("images"), opts.batch_size)
+            _save_atomic_npz(
+                work / "clips" / f"{clip_id}.npz",
+                tok_rgb=ids[:-1], tok_rgb_next=ids[1:],
+                **{k: v for k, v in res.items() if isinstance(v, np.ndarray)},
+                info=np.asarray(json.dumps({k: v for k, v in res.items() if not isinstance(v, np.ndarray)})),
+            )  # fmt: skip
+    return _write_shards(
+        opts, clip_ids, bad, work, tok_dir, tok_hash, TextTokenizer, image_tok.vocab_size
+    )
+
+
+def _clip_results(opts: PrepareOptions, todo: list[str], bad: list[str]):
+    """Yield (clip_id, samples) in order, reading clips in worker processes."""
+    bar = tqdm(total=len(todo), desc="prepare", unit="clip", disable=not todo)
+
+    def handle(clip_id: str, get):
+        try:
+            return get()
+        except (ValueError, OSError, KeyError) as e:
+            msg = str(e) if clip_id in str(e) else f"clip {clip_id}: {e}"
+            if not opts.skip_bad:
+                raise PrepareError(msg) from None
+            log.warning("skipping %s", msg)
+            bad.append(clip_id)
+            return None
+
+    try:
+        if opts.workers <= 1:
+            for c in todo:
+                res = handle(c, lambda c=c: read_clip_samples(opts.data, c, opts.stride))
+                bar.update()
+                if res is not None:
+                    yield c, res
+        else:
+            import multiprocessing as mp
+
+            with ProcessPoolExecutor(opts.workers, mp_context=mp.get_context("spawn")) as pool:
+                futures = [
+                    (c, pool.submit(read_clip_samples, opts.data, c, opts.stride)) for c in todo
+                ]
+                try:
+                    for c, fut in futures:
+                        res = handle(c, fut.result)
+                        bar.update()
+                        if res is not None:
+                            yield c, res
+                except BaseException:
+                    for _, fut in futures:
+                        fut.cancel()
+                    raise
+    finally:
+        bar.close()
+
+
+def _batched(fn, items: np.ndarray, batch: int) -> list:
+    out: list = []
+    for i in range(0, len(items), batch):
+        out.extend(fn(items[i : i + batch]))
+    return out
+
+
+def _tokenize(image_tok: Any, images: np.ndarray, batch: int) -> np.ndarray:
+    if len(images) == 0:
+        return np.zeros((1, 256), np.int64)
+    parts = [
+        image_tok.encode(images[i : i + batch]).reshape(-1, 256).cpu().numpy()
+        for i in range(0, len(images), batch)
+    ]
+    return np.concatenate(parts)
+
+
+def assign_splits(clips: dict[str, bool], val_fraction: float, seed: int) -> dict[str, str]:
+    """clip id -> split. Test = the dataset's own test flag; val = a seeded share of train."""
+    train = sorted(c for c, is_train in clips.items() if is_train)
+    rng = np.random.default_rng(seed)
+    n_val = round(len(train) * val_fraction)
+    if val_fraction > 0 and len(train) >= 2:
+        n_val = max(1, n_val)
+    val = set(rng.permutation(train)[:n_val].tolist()) if n_val else set()
+    return {c: ("test" if not t else "val" if c in val else "train") for c, t in clips.items()}
+
+
+def _load_cached(path: Path) -> dict[str, Any]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise PrepareError(f"{path}: damaged cache file ({e}); delete it and rerun") from None
+    arrays.update(json.loads(str(arrays.pop("info"))))
+    return arrays
+
+
+def _write_shards(opts, clip_ids, bad, work, tok_dir, tok_hash, TextTokenizer, image_vocab):
+    clips = {c: _load_cached(work / "clips" / f"{c}.npz") for c in clip_ids if c not in bad}
+    splits = assign_splits({c: r["train"] for c, r in clips.items()}, opts.val_fraction, opts.seed)
+    train_caps = [
+        s for c, r in clips.items() if splits[c] == "train" for s in r["captions"].tolist()
+    ]
+    if not train_caps:
+        raise PrepareError(
+            "no training samples: every clip is too short for the stride or held out"
+        )
+    text = TextTokenizer.build(train_caps, vocab=opts.caption_vocab, max_len=opts.caption_len)
+    actions = sorted({r["action"] for r in clips.values()})
+    order = list(clips)
+    out = opts.out
+    counts: dict[str, dict[str, int]] = {}
+    id_dt = _ids_dtype(max(image_vocab, text.vocab_size, 8194))
+    for split in SPLITS:
+        rows = [c for c in order if splits[c] == split]
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in ARRAYS}
+        for c in rows:
+            r = clips[c]
+            n = len(r["frame"])
+            for k in ("tok_rgb", "tok_rgb_next", "coords", "coords_next", "coords_prev"):
+                parts[k].append(r[k].astype(id_dt))
+            parts["captions"].append(
+                text.encode_batch(r["captions"].tolist()).astype(id_dt).reshape(n, -1)
+            )
+            parts["bbox"].append(r["bbox"].astype(np.float32))
+            parts["frame"].append(r["frame"].astype(np.int32))
+            parts["clip"].append(np.full(n, order.index(c), np.int32))
+            parts["action"].append(np.full(n, actions.index(r["action"]), np.int16))
+        d = out / split
+        d.mkdir(exist_ok=True)
+        n_samples = 0
+        for k in ARRAYS:
+            arr = np.concatenate(parts[k]) if parts[k] else _empty(k, id_dt, opts.caption_len)
+            _save_atomic_npy(d / f"{k}.npy", arr)
+            n_samples = len(arr)
+        counts[split] = {
+            "samples": n_samples,
+            "clips": sum(1 for c in rows if len(clips[c]["frame"])),
+        }
+    text.save(out)
+    shutil.copytree(tok_dir, out / ".image_tokenizer.tmp", dirs_exist_ok=True)
+    shutil.rmtree(out / "image_tokenizer", ignore_errors=True)
+    os.replace(out / ".image_tokenizer.tmp", out / "image_tokenizer")
+    source = "synthetic" if (opts.data / "synth.json").is_file() else "penn_action"
+    meta = {
+        "format": FORMAT,
+        "counts": counts,
+        "image_vocab": int(image_vocab),
+        "text_vocab": int(text.vocab_size),
+        "caption_len": int(opts.caption_len),
+        "caption_vocab": opts.caption_vocab,
+        "stride": opts.stride,
+        "future_offsets": future_offsets(opts.stride),
+        "source": {
+            "kind": source,
+            "path": str(opts.data.resolve()),
+            "synth": _read_json(opts.data / "synth.json"),
+        },
+        "captions_from": _captions_from(
+            opts.captioner, [r["has_captions"] for r in clips.values()]
+        ),
+        "val_fraction": opts.val_fraction,
+        "seed": opts.seed,
+        "actions": actions,
+        "clip_ids": order,
+        "clip_splits": {c: splits[c] for c in order},
+        "skipped_clips": bad,
+        "tokenizers": {"image_sha256": tok_hash, "text_sha256": text.sha256},
+        "arrays": {
+            k: str(np.load(out / "train" / f"{k}.npy", mmap_mode="r").dtype) for k in ARRAYS
+        },
+    }
+    write_json_atomic(out / "meta.json", meta)
+    shutil.rmtree(work, ignore_errors=True)
+    return meta
+
+
+def _captions_from(captioner: str, has: list[bool]) -> str:
+    if captioner != "template":
+        return captioner
+    return "dataset" if all(has) else "dataset+template" if any(has) else "template"
+
+
+def _empty(name: str, id_dt: np.dtype, caption_len: int) -> np.ndarray:
+    cols = {"tok_rgb": 256, "tok_rgb_next": 256, "coords": 39, "coords_next": 234,
+            "coords_prev": 39, "captions": caption_len, "bbox": 4}  # fmt: skip
+    dt = {"bbox": np.float32, "clip": np.int32, "frame": np.int32, "action": np.int16}.get(
+        name, id_dt
+    )
+    return np.zeros((0, cols[name]) if name in cols else (0,), dtype=dt)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except json.JSONDecodeError:
+        return None
+
+
+# --- CLI ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="m2 prepare", description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="Penn-Action-layout folder (m2 synth or the real dataset)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        required=True,
+        type=Path,
+        help="image tokenizer dir (or a serving checkpoint)",
+    )
+    p.add_argument("--out", required=True, type=Path, help="output folder for the shards")
+    p.add_argument("--stride", type=int, default=6, help="key-frame stride S (default 6)")
+    p.add_argument(
+        "--captioner", default="template", help="template | blip:PATH (local BLIP checkpoint)"
+    )
+    p.add_argument(
+        "--val-fraction", type=float, default=0.1, help="share of training clips held out"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation split")
+    p.add_argument(
+        "--workers", type=int, default=min(4, os.cpu_count() or 1), help="reader processes"
+    )
+    p.add_argument("--caption-len", type=int, default=32, help="max caption tokens incl. bos/eos")
+    p.add_argument("--caption-vocab", choices=("compact", "full"), default="compact")
+    p.add_argument("--batch-size", type=int, default=32, help="frames per tokenizer batch")
+    p.add_argument("--skip-bad", action="store_true", help="skip broken clips instead of stopping")
+    p.add_argument(
+        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="for the tokenizer / BLIP"
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    opts = PrepareOptions(**{k: v for k, v in vars(args).items()})
+    try:
+        meta = prepare(opts)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"m2 prepare: error: {e}", file=sys.stderr)
+        return 2
+    c = meta["counts"]
+    print(
+        f"wrote {opts.out}: "
+        + ", ".join(f"{s} {c[s]['samples']} samples / {c[s]['clips']} clips" for s in SPLITS)
+        + f"; image vocab {meta['image_vocab']}, text vocab {meta['text_vocab']}"
+    )
+    return 0

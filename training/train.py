@@ -1,0 +1,369 @@
+"""Train M2 on prepared token shards, with accelerate (one CPU, one GPU, many GPUs).
+
+    accelerate launch training/train.py --config configs/m2-base.yaml [key=value ...]
+    m2 train --config configs/m2-tiny.yaml [key=value ...]
+    from training.train import train; train("configs/m2-tiny.yaml", ["total_tokens=1"])
+
+One step, as nanoGPT lays it out: set the lr (a function of tokens) -> micro-steps
+(forward, backward; gradients synchronised on the last) -> clip -> optimizer step ->
+log (loss per modality, tokens/s, data wait, MFU on GPU) -> evaluate / checkpoint at
+their token intervals. The samples of step k are fixed by (seed, k) (training/data.py),
+so a resumed run (`resume=auto`) continues exactly as if it had not stopped, and 1 process
+x 2 accumulation steps matches 2 processes. At the end the serving checkpoint goes to
+`output_dir/final/` (model + both tokenizers + MODEL_CARD.md).
+
+Layout of `output_dir`: `checkpoints/step-XXXXXXXX/` (training state, newest `keep`),
+`logs/metrics.csv|jsonl` (+ TensorBoard when installed), `final/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, gather_object
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from training import train_state as ts
+from training.config import (
+    TrainConfig,
+    format_duration,
+    lr_at,
+    make_config,
+    make_plan,
+    masking_config,
+)
+from training.data import MaskedDataset, Shards, StepSampler, load_meta
+from training.export import export_serving_checkpoint, peak_flops
+from training.losses import accumulate, evaluate_ce, modality_ce, reduce_ce, to_device
+from training.trackers import available_trackers
+
+log = logging.getLogger("training.train")
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_dir: Path | None  # None when the run stopped early (stop_after_steps)
+    step: int
+    tokens: int
+    losses: list[float] = field(default_factory=list)  # per step of this call
+    val: dict[str, float] = field(default_factory=dict)  # last validation CE per modality
+    tokens_per_s: float = 0.0
+    data_wait_share: float = 0.0
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices only, not on norms, biases or embeddings."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, rest = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (rest if p.ndim < 2 or id(p) in embeddings else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def _rng_tensors(acc: Accelerator) -> dict[str, torch.Tensor]:
+    mine = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        mine["torch_cuda"] = torch.cuda.get_rng_state()
+    states = gather_object([mine]) if acc.num_processes > 1 else [mine]
+    return {f"{k}_{rank}": v for rank, s in enumerate(states) for k, v in s.items()}
+
+
+def _restore_rng(acc: Accelerator, rng: dict[str, torch.Tensor]) -> None:
+    r = acc.process_index
+    if f"torch_cpu_{r}" in rng:
+        torch.set_rng_state(rng[f"torch_cpu_{r}"])
+    if torch.cuda.is_available() and f"torch_cuda_{r}" in rng:
+        torch.cuda.set_rng_state(rng[f"torch_cuda_{r}"])
+
+
+def _resume_path(cfg: TrainConfig, ckpt_root: Path) -> Path | None:
+    if cfg.resume == "none":
+        return None
+    if cfg.resume == "auto":
+        return ts.latest_checkpoint(ckpt_root)
+    path = Path(cfg.resume)
+    if not (path / ts.STATE_FILE).is_file():
+        raise FileNotFoundError(
+            f"resume={cfg.resume}: not a training checkpoint (no {ts.STATE_FILE})"
+        )
+    return path
+
+
+def train(
+    config: TrainConfig | str | Path | dict, overrides: list[str] | tuple[str, ...] = ()
+) -> TrainResult:
+    """Run (or continue) the training described by `config`; see the module docstring."""
+    from m2core.masking import collate, mask_sample
+    from m2core.model import M2Config, M2Model
+
+    cfg = make_config(config, overrides)
+    out = Path(cfg.output_dir)
+    ckpt_root = out / "checkpoints"
+    resume_from = _resume_path(cfg, ckpt_root)
+    # The launcher (accelerate launch / torchrun) says how many processes there will be.
+    plan = make_plan(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    if _is_main():
+        log.info("plan: %s", plan.describe())
+        if cfg.plan_devices and cfg.plan_devices != plan.devices:
+            log.info("plan on %d devices (plan_devices): %s", cfg.plan_devices,
+                     make_plan(cfg, cfg.plan_devices).describe())  # fmt: skip
+    meta = load_meta(cfg.data_dir)
+    train_shards = Shards(cfg.data_dir, "train", meta)
+    has_val = meta["counts"].get("val", {}).get("samples")
+    val_shards = Shards(cfg.data_dir, "val", meta) if has_val else None
+    mcfg = M2Config.from_preset(
+        cfg.model_preset,
+        **{"image_vocab": meta["image_vocab"], "text_vocab": meta["text_vocab"], "caption_len": meta["caption_len"],
+           "input_tokens": cfg.input_tokens, "target_tokens": cfg.target_tokens, **cfg.model},
+    )  # fmt: skip
+    resume_step = None
+    if resume_from is not None:
+        resume_step = int(json.loads((resume_from / ts.STATE_FILE).read_text())["step"])
+
+    acc = Accelerator(
+        cpu=cfg.cpu,
+        # a batch may hold no targets of some modality: its head then gets no gradient
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        mixed_precision=MIXED_PRECISION[cfg.dtype],
+        log_with=available_trackers(out / "logs", resume_step) if _is_main() else None,
+        project_dir=str(out),
+    )
+    main = acc.is_main_process
+    if acc.num_processes != plan.devices:
+        raise ValueError(
+            f"WORLD_SIZE says {plan.devices} processes, accelerate has {acc.num_processes}"
+        )
+    if cfg.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    torch.manual_seed(cfg.seed)  # same initial weights on every process
+    np.random.seed(cfg.seed)
+    model = M2Model(mcfg).to(acc.device)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
+                                  fused=acc.device.type == "cuda")  # fmt: skip
+    step, history = 0, {}
+    rng = None
+    if resume_from is not None:
+        state, rng = ts.load_training_state(resume_from, model, optimizer)
+        if state["tokens_per_step"] != plan.tokens_per_step:
+            raise ValueError(
+                f"resume from {resume_from}: it ran {state['tokens_per_step']:,} tokens/step, this run "
+                f"{plan.tokens_per_step:,} (batch_size x processes x grad_accum x tokens/sample must match)"
+            )
+        step, history = int(state["step"]), state.get("metrics", {})
+        if main:
+            log.info("resumed from %s at step %d", resume_from, step)
+    model, optimizer = acc.prepare(model, optimizer)
+    if rng is not None:
+        _restore_rng(acc, rng)
+        if acc.scaler is not None and state.get("scaler"):
+            acc.scaler.load_state_dict(state["scaler"])
+    else:
+        torch.manual_seed(cfg.seed + 1000 * acc.process_index)
+    acc.init_trackers(cfg.project, config={k: str(v) for k, v in cfg.to_dict().items()})
+
+    mcfg_mask = masking_config(cfg)
+
+    def mask_fn(sample, gen):
+        return mask_sample(sample, mcfg_mask, gen)
+
+    sampler = StepSampler(
+        cfg.batch_size, acc.num_processes, acc.process_index, cfg.grad_accum, step, plan.total_steps
+    )
+    loader = DataLoader(
+        MaskedDataset(train_shards, mask_fn, cfg.seed),
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=cfg.num_workers,
+        pin_memory=acc.device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if cfg.num_workers else None,
+    )
+    names = acc.unwrap_model(model).names
+    peak = cfg.peak_flops or peak_flops(acc.device, cfg.dtype, cfg.tf32)
+    stop_at = min(plan.total_steps, cfg.stop_after_steps or plan.total_steps)
+    result = TrainResult(out, None, step, step * plan.tokens_per_step)
+
+    def save(step_: int) -> None:
+        rng_t = _rng_tensors(acc)
+        if main:
+            state = {
+                "tokens": step_ * plan.tokens_per_step, "tokens_per_step": plan.tokens_per_step,
+                "data_position": step_ * plan.global_batch, "config": cfg.to_dict(),
+                "scheduler": {"kind": "linear warmup + cosine, in tokens", "lr": lr_at(cfg, step_ * plan.tokens_per_step)},
+                "scaler": acc.scaler.state_dict() if acc.scaler is not None else None, "metrics": history,
+            }  # fmt: skip
+            ts.clean_stale(ckpt_root)
+            ts.save_training_state(ckpt_root, step_, acc.unwrap_model(model), optimizer.optimizer,
+                                   state, rng_t, cfg.keep_checkpoints)  # fmt: skip
+        acc.wait_for_everyone()
+
+    def run_eval(step_: int) -> None:
+        if val_shards is None:
+            return
+        ce = evaluate_ce(acc, model, val_shards, mask_fn, cfg)
+        result.val = ce
+        history[str(step_)] = {f"val/{k}": v for k, v in ce.items()}
+        acc.log({f"val/ce_{k}": v for k, v in ce.items()}, step=step_)
+        if main:
+            log.info(
+                "step %d validation CE: %s", step_, ", ".join(f"{k} {v:.3f}" for k, v in ce.items())
+            )
+
+    model.train()
+    it = iter(loader)
+    bar = tqdm(
+        total=plan.total_steps,
+        initial=step,
+        desc="train",
+        unit="step",
+        disable=not main,
+        dynamic_ncols=True,
+    )
+    window = {"t0": time.perf_counter(), "steps": 0, "wait": 0.0, "loss": [], "mods": {}}
+    speed: list[float] = []
+    total_wait = total_time = 0.0
+    with logging_redirect_tqdm():
+        while step < stop_at:
+            t_step = time.perf_counter()
+            lr = lr_at(cfg, (step + 1) * plan.tokens_per_step)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            loss_sum = torch.zeros((), device=acc.device)
+            wait = 0.0
+            for micro in range(cfg.grad_accum):
+                t0 = time.perf_counter()
+                batch = to_device(next(it), acc.device)
+                wait += time.perf_counter() - t0
+                sync = micro == cfg.grad_accum - 1
+                with acc.no_sync(model) if not sync else _null():
+                    with acc.autocast():
+                        logits, loss = model(batch)
+                    acc.backward(loss / cfg.grad_accum)
+                loss_sum += loss.detach() / cfg.grad_accum
+                accumulate(window["mods"], modality_ce(logits, batch, names))
+            grad_norm = (
+                acc.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                if cfg.clip_grad > 0
+                else None
+            )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            step_loss = float(acc.reduce(loss_sum, "mean"))
+            result.losses.append(step_loss)
+            dt = time.perf_counter() - t_step
+            total_wait, total_time = total_wait + wait, total_time + dt
+            window["steps"] += 1
+            window["wait"] += wait
+            window["loss"].append(step_loss)
+            bar.update()
+            if step % cfg.log_interval == 0 or step == stop_at:
+                elapsed = time.perf_counter() - window["t0"]
+                tps = window["steps"] * plan.tokens_per_step / elapsed
+                speed.append(tps)
+                row = {"train/loss": float(np.mean(window["loss"])), "lr": lr, "tokens_per_s": tps,
+                       "data_wait_share": window["wait"] / elapsed, "tokens": step * plan.tokens_per_step}  # fmt: skip
+                if grad_norm is not None:
+                    row["grad_norm"] = float(grad_norm)
+                row.update(
+                    {f"train/ce_{k}": v for k, v in reduce_ce(acc, window["mods"], names).items()}
+                )
+                if acc.device.type == "cuda" and peak:
+                    row["mfu"] = acc.unwrap_model(model).estimate_mfu(tps / acc.num_processes, peak)
+                acc.log(row, step=step)
+                bar.set_postfix(loss=f"{row['train/loss']:.3f}", tok_s=f"{tps:,.0f}")
+                if main and len(speed) == 2:  # the first window includes start-up
+                    log.info(
+                        "measured %s tokens/s: full run %s",
+                        f"{tps:,.0f}",
+                        format_duration(plan.total_steps * plan.tokens_per_step / tps),
+                    )
+                window = {
+                    "t0": time.perf_counter(),
+                    "steps": 0,
+                    "wait": 0.0,
+                    "loss": [],
+                    "mods": {},
+                }
+            if plan.eval_every and step % plan.eval_every == 0 and step < plan.total_steps:
+                run_eval(step)
+            if plan.checkpoint_every and step % plan.checkpoint_every == 0 and step < stop_at:
+                save(step)
+    bar.close()
+    result.step, result.tokens = step, step * plan.tokens_per_step
+    result.tokens_per_s = float(np.median(speed[1:] or speed)) if speed else 0.0
+    result.data_wait_share = total_wait / total_time if total_time else 0.0
+    if step >= plan.total_steps:
+        run_eval(step)
+    save(step)
+    if step >= plan.total_steps:
+        if main:
+            result.final_dir = export_serving_checkpoint(
+                out / "final", acc.unwrap_model(model), cfg, meta, result.val,
+                {"train_loss": result.losses[-1] if result.losses else None, "tokens_per_s": result.tokens_per_s,
+                 "steps": step, "tokens": result.tokens, "processes": acc.num_processes},
+            )  # fmt: skip
+            log.info("serving checkpoint: %s", result.final_dir)
+        acc.wait_for_everyone()
+        result.final_dir = out / "final"
+    acc.end_training()
+    return result
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="m2 train", description="Train M2 (also: accelerate launch training/train.py)."
+    )
+    p.add_argument("--config", required=True, help="YAML config, e.g. configs/m2-tiny.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    args = p.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        res = train(args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"m2 train: error: {e}", file=sys.stderr)
+        return 2
+    if _is_main():
+        where = (
+            f"serving checkpoint {res.final_dir}"
+            if res.final_dir
+            else f"stopped at step {res.step} (resume=auto continues)"
+        )
+        print(f"trained {res.tokens:,} tokens in {res.step} steps; {where}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
