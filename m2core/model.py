@@ -1,0 +1,380 @@
+"""The M2 model: a 4M-style encoder-decoder transformer over the modalities of the registry.
+
+Reading order: the config and its presets, then the model, whose `forward` is a few
+stages: embed the visible inputs -> encode -> add the input positions back to the context
+-> decode one query per target slot -> per-modality heads -> loss. The batch format (fixed
+`input_tokens` + `target_tokens` slots per sample, grouped by modality) is documented at
+the top of `m2core/masking.py`, which produces it.
+
+Embeddings. One table per modality, stored as slices of a single `nn.Embedding` (row
+offset = the modality's first id), so embedding a batch of mixed modalities is one gather
+and only the tokens that are used are embedded. Positions: fixed 2D sin-cos over the 16x16
+grids, fixed 1D sin-cos for captions, and for skeletons learned embeddings of frame index
+(0 = now, 1..6 = the future frames) + joint + component (x, y, visible). A learned
+modality embedding is added to every token, input or query.
+
+Decoder. A query is (mask token + modality + position) for an image / pose target; when
+generation (MaskGIT) has already chosen a target token, or training revealed one (see
+masking.py), the query carries that token's embedding instead of the mask token. Caption
+queries are teacher-forced: token i-1 (bos at the span start) + position i, causal.
+Self-attention is block-diagonal by modality (no attention across target modalities) and
+causal inside the caption span: one `(B, 1, Nt, Nt)` bool mask per forward, built from
+the slots' modality ids with a broadcast compare (~0.1 ms at B=16, Nt=128; bench_model.py
+reports it), shared by all decoder layers. The encoder and the cross-attention use no mask
+at all when every slot is filled, else a key-padding mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from m2core.blocks import DecoderBlock, EncoderBlock, sincos_1d, sincos_2d, swiglu_hidden
+from m2core.modalities import (
+    DEFAULT_CAPTION_LEN,
+    DEFAULT_IMAGE_VOCAB,
+    FUTURE_FRAMES,
+    NUM_JOINTS,
+    TOKENS_PER_POSE,
+    Registry,
+    build_registry,
+)
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100  # label of a slot without loss (padding, or a revealed MaskGIT token)
+
+# Body sizes; everything else (vocabularies, budgets) is a separate field of M2Config.
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"dim": 192, "enc_layers": 4, "dec_layers": 4, "heads": 6},  # CPU demo, ~4M body
+    "small": {"dim": 512, "enc_layers": 8, "dec_layers": 8, "heads": 8},
+    "base": {"dim": 768, "enc_layers": 12, "dec_layers": 12, "heads": 12},  # like 4M-B
+    "large": {"dim": 1024, "enc_layers": 24, "dec_layers": 24, "heads": 16},  # like 4M-L
+}
+
+
+@dataclass(frozen=True)
+class M2Config:
+    """Everything needed to rebuild the model (stored as JSON in a checkpoint)."""
+
+    preset: str = "tiny"
+    dim: int = 192
+    enc_layers: int = 4
+    dec_layers: int = 4
+    heads: int = 6
+    mlp_ratio: float = 4.0  # SwiGLU width = 2/3 * mlp_ratio * dim (4M's choice)
+    image_vocab: int = DEFAULT_IMAGE_VOCAB  # registry sizes: build_registry is rebuilt from them
+    text_vocab: int = 50257 + 3
+    caption_len: int = DEFAULT_CAPTION_LEN
+    input_tokens: int = 128  # encoder slots per sample (masking budget)
+    target_tokens: int = 128  # decoder slots per sample
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "enc_layers", "dec_layers", "heads", "input_tokens", "target_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"M2Config.{name} must be >= 1, got {getattr(self, name)}")
+        if self.dim % self.heads or (self.dim // self.heads) % 2:
+            raise ValueError(f"M2Config.dim={self.dim} must split into {self.heads} even heads")
+        if self.dim % 4:
+            raise ValueError(f"M2Config.dim={self.dim} must be divisible by 4 (2D positions)")
+        self.registry()  # validates the vocabulary sizes
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> M2Config:
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
+        return cls.from_dict({"preset": name, **PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> M2Config:
+        """Build from JSON/YAML data; an unknown key or a wrong type is a ValueError."""
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        for key, value in data.items():
+            if key not in types:
+                raise ValueError(f"unknown model config key {key!r}; known: {sorted(types)}")
+            want = {"int": int, "float": (int, float), "str": str}[str(types[key])]
+            if isinstance(value, bool) or not isinstance(value, want):
+                raise ValueError(f"model config key {key!r}: expected {types[key]}, got {value!r}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def registry(self) -> Registry:
+        return build_registry(self.image_vocab, self.text_vocab, self.caption_len)
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """Training FLOPs (forward + backward = 3x forward) per encoder / decoder token."""
+
+    encoder: float
+    decoder: float
+    input_tokens: int
+    target_tokens: int
+
+    @property
+    def per_sample(self) -> float:
+        return self.encoder * self.input_tokens + self.decoder * self.target_tokens
+
+    @property
+    def per_token(self) -> float:
+        """Mean over the encoder + decoder tokens of one sample."""
+        return self.per_sample / (self.input_tokens + self.target_tokens)
+
+
+class M2Model(nn.Module):
+    def __init__(self, config: M2Config):
+        super().__init__()
+        self.config = config
+        reg = config.registry()
+        self.names: tuple[str, ...] = tuple(reg)
+        self.target_names: tuple[str, ...] = reg.targets
+        D = config.dim
+        mods = list(reg.values())
+
+        # --- Embedding tables (one slice per modality) -------------------------------
+        vocab = [m.vocab_size for m in mods]
+        ntok = [m.num_tokens for m in mods]
+        self.register_buffer("tok_offset", _offsets(vocab), persistent=False)
+        self.register_buffer("pos_offset", _offsets(ntok), persistent=False)
+        self.tok_emb = nn.Embedding(sum(vocab), D)
+        self.mod_emb = nn.Embedding(len(mods), D)
+        self.mask_token = nn.Parameter(torch.zeros(D))
+        self.frame_emb = nn.Embedding(FUTURE_FRAMES + 1, D)
+        self.joint_emb = nn.Embedding(NUM_JOINTS, D)
+        self.comp_emb = nn.Embedding(3, D)
+        fixed, pose_rows, frame = [], [], []
+        start = 0
+        for m in mods:
+            if m.kind == "image":
+                fixed.append(sincos_2d(*m.grid, D))
+            elif m.kind == "text":
+                fixed.append(sincos_1d(m.num_tokens, D))
+            else:  # pose: learned frame x joint x component, added in pos_table()
+                fixed.append(torch.zeros(m.num_tokens, D))
+                pose_rows.append(torch.arange(start, start + m.num_tokens))
+                first = 1 if m.frames > 1 else 0  # coords = frame 0, coords_next = 1..6
+                frame.append(first + torch.arange(m.num_tokens) // TOKENS_PER_POSE)
+            start += m.num_tokens
+        p = torch.cat(pose_rows)
+        local = torch.cat([torch.arange(len(r)) for r in pose_rows]) % TOKENS_PER_POSE
+        self.register_buffer("pos_fixed", torch.cat(fixed), persistent=False)
+        self.register_buffer("pose_rows", p, persistent=False)
+        self.register_buffer("pose_frame", torch.cat(frame), persistent=False)
+        self.register_buffer("pose_joint", local // 3, persistent=False)
+        self.register_buffer("pose_comp", local % 3, persistent=False)
+        # Per group id (modality index, or len(mods) for empty slots): causal or not.
+        causal = torch.tensor([m.causal for m in mods] + [False])
+        self.register_buffer("causal_group", causal, persistent=False)
+
+        # --- Transformer ----------------------------------------------------------
+        hidden = swiglu_hidden(D, config.mlp_ratio)
+        eps = config.norm_eps
+        self.encoder = nn.ModuleList(
+            EncoderBlock(D, config.heads, hidden, eps) for _ in range(config.enc_layers)
+        )
+        self.enc_norm = nn.LayerNorm(D, eps=eps, bias=False)
+        self.ctx_proj = nn.Linear(D, D, bias=False)
+        self.decoder = nn.ModuleList(
+            DecoderBlock(D, config.heads, hidden, eps) for _ in range(config.dec_layers)
+        )
+        self.dec_norm = nn.LayerNorm(D, eps=eps, bias=False)
+        self.heads = nn.ModuleDict(
+            {n: nn.Linear(D, reg[n].vocab_size, bias=False) for n in self.target_names}
+        )
+        self._init_weights()
+        log.info("M2Model %s: %.2fM parameters", config.preset, self.num_params() / 1e6)
+
+    def _init_weights(self) -> None:
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.ndim >= 2:
+                # GPT-2: shrink the projections that write into the residual stream.
+                layers = (
+                    self.config.enc_layers if name.startswith("encoder") else self.config.dec_layers
+                )
+                scale = (
+                    (2 * layers) ** -0.5 if name.endswith(("proj.weight", "down.weight")) else 1.0
+                )
+                nn.init.normal_(p, std=std * scale)
+        nn.init.normal_(self.mask_token, std=std)
+
+    # --- Embedding ---------------------------------------------------------------
+    def pos_table(self) -> Tensor:
+        """All positions of all modalities, (sum of num_tokens, D)."""
+        pose = self.frame_emb(self.pose_frame) + self.joint_emb(self.pose_joint)
+        pose = pose + self.comp_emb(self.pose_comp)
+        return self.pos_fixed.index_add(0, self.pose_rows, pose)
+
+    def embed_positions(self, mod: Tensor, pos: Tensor, table: Tensor | None = None) -> Tensor:
+        """Modality + position embedding of each slot, (B, N, D). Generation passes the
+        `pos_table()` it computed once instead of rebuilding it at every step."""
+        table = self.pos_table() if table is None else table
+        return table[pos + self.pos_offset[mod]] + self.mod_emb(mod)
+
+    def embed_tokens(self, ids: Tensor, mod: Tensor) -> Tensor:
+        return self.tok_emb(ids + self.tok_offset[mod])
+
+    # --- Stages --------------------------------------------------------------------
+    def encode(
+        self, ids: Tensor, mod: Tensor, pos: Tensor, valid: Tensor, table: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Encode the visible inputs -> (context (B, N, D), key mask (B, 1, 1, N) or None).
+
+        The context is the projected encoder output with the input positions and
+        modalities added back (4M), ready for every decoder layer's cross-attention."""
+        key_mask = None
+        if not bool(valid.all()):
+            # a sample without any input would give NaN attention rows: let it see slot 0
+            first = torch.zeros_like(valid)
+            first[:, 0] = True
+            key_mask = (valid | (first & ~valid.any(1, keepdim=True)))[:, None, None, :]
+        pe = self.embed_positions(mod, pos, table)
+        x = self.embed_tokens(ids, mod) + pe  # (B, N, D)
+        for block in self.encoder:
+            x = block(x, key_mask)
+        return self.ctx_proj(self.enc_norm(x)) + pe, key_mask
+
+    def context_kv(self, context: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Cross-attention keys/values of every decoder layer (computed once per context)."""
+        return [block.context_kv(context) for block in self.decoder]
+
+    def embed_queries(
+        self, query: Tensor, mod: Tensor, pos: Tensor, table: Tensor | None = None
+    ) -> Tensor:
+        """Decoder queries: mask token where query == -1, else that token's embedding."""
+        tok = self.embed_tokens(query.clamp(min=0), mod)
+        tok = torch.where((query >= 0)[..., None], tok, self.mask_token.to(tok.dtype))
+        return tok + self.embed_positions(mod, pos, table)
+
+    def target_mask(self, mod: Tensor, valid: Tensor) -> Tensor:
+        """(B, 1, Nt, Nt) bool: same modality group, and causal inside a text group."""
+        group = torch.where(valid, mod, len(self.names))  # empty slots: their own group
+        same = group[:, :, None] == group[:, None, :]
+        n = mod.shape[1]
+        lower = torch.ones(n, n, dtype=torch.bool, device=mod.device).tril()
+        return (same & (lower | ~self.causal_group[group][:, :, None]))[:, None]
+
+    def decode(
+        self,
+        x: Tensor,
+        kv: list[tuple[Tensor, Tensor]],
+        cross_mask: Tensor | None,
+        self_mask: Tensor | None = None,
+        is_causal: bool = False,
+        caches: list | None = None,
+    ) -> Tensor:
+        """Run the decoder on embedded queries x (B, Nt, D) -> normed hidden (B, Nt, D)."""
+        for i, block in enumerate(self.decoder):
+            cache = caches[i] if caches is not None else None
+            x = block(x, kv[i], cross_mask, self_mask, is_causal, cache)
+        return self.dec_norm(x)
+
+    def forward(
+        self, batch: dict[str, Tensor], return_logits: bool = True
+    ) -> tuple[dict[str, Tensor], Tensor | None]:
+        """-> (logits per target modality, loss or None when the batch has no labels).
+
+        logits[name] is (n, vocab) over the filled target slots of that modality, in
+        (sample, slot) order, i.e. `batch["dec_mod"] == index` and `batch["dec_valid"]`.
+        The loss is the cross-entropy per modality, averaged over the modalities that
+        have labelled targets in the batch."""
+        table = self.pos_table()
+        context, cross_mask = self.encode(
+            batch["enc_ids"], batch["enc_mod"], batch["enc_pos"], batch["enc_valid"], table
+        )
+        mod, valid = batch["dec_mod"], batch["dec_valid"]
+        x = self.embed_queries(batch["dec_query"], mod, batch["dec_pos"], table)
+        h = self.decode(x, self.context_kv(context), cross_mask, self.target_mask(mod, valid))
+        labels = batch.get("dec_labels")
+        logits: dict[str, Tensor] = {}
+        losses = []
+        # One matmul per head: a python loop over <= 5 modalities, each a gather of its slots.
+        for name in self.target_names:
+            sel = (valid & (mod == self.names.index(name))).flatten().nonzero().squeeze(1)
+            if sel.numel() == 0:
+                continue
+            out = self.heads[name](h.flatten(0, 1).index_select(0, sel))  # (n, V)
+            if return_logits:
+                logits[name] = out
+            if labels is not None:
+                y = labels.flatten().index_select(0, sel)
+                n = (y != IGNORE).sum()
+                ce = F.cross_entropy(out.float(), y, ignore_index=IGNORE, reduction="sum")
+                losses.append((ce / n.clamp(min=1), n > 0))
+        loss = None
+        if labels is not None and losses:
+            total = sum(ce * has for ce, has in losses)
+            loss = total / sum(has for _, has in losses).clamp(min=1)
+        return logits, loss
+
+    # --- Accounting ------------------------------------------------------------------
+    def param_counts(self) -> dict[str, int]:
+        """Parameters by part: encoder / decoder bodies, embeddings, heads, total."""
+        count = {"encoder": 0, "decoder": 0, "embeddings": 0, "heads": 0}
+        for name, p in self.named_parameters():
+            if name.startswith(("encoder.", "enc_norm", "ctx_proj")):
+                count["encoder"] += p.numel()
+            elif name.startswith(("decoder.", "dec_norm")):
+                count["decoder"] += p.numel()
+            elif name.startswith("heads."):
+                count["heads"] += p.numel()
+            else:
+                count["embeddings"] += p.numel()
+        count["total"] = sum(count.values())
+        return count
+
+    def num_params(self, body_only: bool = False) -> int:
+        """All parameters, or only the transformer body (no embedding tables, no heads)."""
+        c = self.param_counts()
+        return c["encoder"] + c["decoder"] if body_only else c["total"]
+
+    def flops_per_token(
+        self, input_tokens: int | None = None, target_tokens: int | None = None
+    ) -> FlopCount:
+        """Training FLOPs per encoder token and per decoder token (matmuls and attention;
+        2 per multiply-add, backward = 2x forward). Heads are counted at the mean
+        vocabulary of the target modalities."""
+        c, D = self.config, self.config.dim
+        n_in = input_tokens or c.input_tokens
+        n_t = target_tokens or c.target_tokens
+        H = swiglu_hidden(D, c.mlp_ratio)
+        mlp, attn_proj = 3 * D * H, 4 * D * D
+        # encoder: blocks + attention over n_in keys + ctx_proj + each decoder layer's K/V
+        enc = c.enc_layers * (2 * (attn_proj + mlp) + 4 * n_in * D) + 2 * D * D
+        enc += c.dec_layers * 2 * (2 * D * D)
+        # decoder: self-attn (qkv, proj) + cross (q, proj) + mlp, attention over n_t + n_in
+        dec = c.dec_layers * (2 * (attn_proj + 2 * D * D + mlp) + 4 * (n_t + n_in) * D)
+        reg = c.registry()
+        dec += 2 * D * sum(reg[n].vocab_size for n in self.target_names) / len(self.target_names)
+        return FlopCount(3.0 * enc, 3.0 * dec, n_in, n_t)
+
+    def estimate_mfu(self, tokens_per_s: float, peak_flops: float) -> float:
+        """Model FLOPs utilisation: (encoder + decoder) tokens per second, in the config's
+        input:target ratio, times FLOPs per token, over the caller's peak FLOP/s."""
+        return tokens_per_s * self.flops_per_token().per_token / peak_flops
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW groups: decay matrices (linear weights, token tables); not norms, the mask
+        token, nor the modality / skeleton position embeddings."""
+        no_decay = ("mod_emb", "frame_emb", "joint_emb", "comp_emb")
+        decay, rest = [], []
+        for name, p in self.named_parameters():
+            (rest if p.ndim < 2 or name.startswith(no_decay) else decay).append(p)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": rest, "weight_decay": 0.0},
+        ]
+
+
+def _offsets(sizes: list[int]) -> Tensor:
+    return torch.tensor([0, *sizes[:-1]]).cumsum(0)
