@@ -71,8 +71,12 @@ def save_checkpoint(
     text_tokenizer: Any | None = None,
     extra: dict[str, Any] | None = None,
     model_card: str | None = None,
+    storage_dtype: str | None = None,
 ) -> Path:
-    """Write the checkpoint directory (replacing an older checkpoint there) -> its path."""
+    """Write the checkpoint directory (replacing an older checkpoint there) -> its path.
+
+    `storage_dtype` ("float16" / "bfloat16") stores the floating-point weights at half size;
+    loading copies them into the model's fp32 parameters, so compute stays fp32."""
     directory = Path(directory)
     cfg = model.config
     if image_tokenizer is not None and image_tokenizer.vocab_size != cfg.image_vocab:
@@ -90,7 +94,16 @@ def save_checkpoint(
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        store = None
+        if storage_dtype is not None:
+            if storage_dtype not in ("float16", "bfloat16"):
+                raise ValueError(f"storage_dtype must be float16 or bfloat16, got {storage_dtype!r}")
+            store = getattr(torch, storage_dtype)
+        state = {
+            k: (v.detach().to("cpu", store) if store and v.is_floating_point() else v.cpu())
+            .contiguous()
+            for k, v in model.state_dict().items()
+        }
         save_file(state, tmp / WEIGHTS, metadata={"format": FORMAT})
         if image_tokenizer is not None:
             image_tokenizer.save_pretrained(tmp / IMAGE_DIR)

@@ -41,6 +41,7 @@ from m2core.modalities import (
     DEFAULT_IMAGE_VOCAB,
     FUTURE_FRAMES,
     NUM_JOINTS,
+    POSE_BINS,
     TOKENS_PER_POSE,
     Registry,
     build_registry,
@@ -76,6 +77,11 @@ class M2Config:
     target_tokens: int = 128  # decoder slots per sample
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    # Skeleton coordinates are ordinal: 8192 bins of one axis. Training with Gaussian soft
+    # labels over neighbouring bins (sigma in bins; 0 = plain cross-entropy) and starting the
+    # pose embeddings/heads from smooth features of the bin value lets a small model learn
+    # "near the right place" instead of 8192 unrelated classes. Eval CE stays hard-label.
+    pose_label_sigma: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("dim", "enc_layers", "dec_layers", "heads", "input_tokens", "target_tokens"):
@@ -138,6 +144,7 @@ class M2Model(nn.Module):
         reg = config.registry()
         self.names: tuple[str, ...] = tuple(reg)
         self.target_names: tuple[str, ...] = reg.targets
+        self.kinds: dict[str, str] = {n: m.kind for n, m in reg.items()}
         D = config.dim
         mods = list(reg.values())
 
@@ -207,6 +214,20 @@ class M2Model(nn.Module):
                 )
                 nn.init.normal_(p, std=std * scale)
         nn.init.normal_(self.mask_token, std=std)
+        # Pose coordinate bins start from sin-cos features of their value, so neighbouring
+        # bins begin (and, under soft labels, stay) similar in both embedding and head.
+        if self.tok_emb.weight.is_meta:  # size-only models (param counts) have no data
+            return
+        smooth = _bin_features(POSE_BINS, self.config.dim) * std * 2**0.5
+        reg = self.config.registry()
+        offsets = self.tok_offset.tolist()
+        with torch.no_grad():
+            for i, name in enumerate(self.names):
+                if reg[name].kind != "pose":
+                    continue
+                self.tok_emb.weight[offsets[i] : offsets[i] + POSE_BINS] = smooth
+                if name in self.heads:
+                    self.heads[name].weight[:POSE_BINS] = smooth
 
     # --- Embedding ---------------------------------------------------------------
     def pos_table(self) -> Tensor:
@@ -309,7 +330,11 @@ class M2Model(nn.Module):
             if labels is not None:
                 y = labels.flatten().index_select(0, sel)
                 n = (y != IGNORE).sum()
-                ce = F.cross_entropy(out.float(), y, ignore_index=IGNORE, reduction="sum")
+                sigma = self.config.pose_label_sigma
+                if self.training and sigma > 0 and self.kinds[name] == "pose":
+                    ce = _soft_pose_ce(out.float(), y, sigma)
+                else:
+                    ce = F.cross_entropy(out.float(), y, ignore_index=IGNORE, reduction="sum")
                 losses.append((ce / n.clamp(min=1), n > 0))
         loss = None
         if labels is not None and losses:
@@ -378,3 +403,30 @@ class M2Model(nn.Module):
 
 def _offsets(sizes: list[int]) -> Tensor:
     return torch.tensor([0, *sizes[:-1]]).cumsum(0)
+
+
+def _bin_features(bins: int, dim: int) -> Tensor:
+    """(bins, dim) sin-cos features of the bin value in [0, 1): periods from the whole axis
+    down to a few bins, so nearby bins have nearby features."""
+    v = (torch.arange(bins, dtype=torch.float64) + 0.5) / bins
+    half = dim // 2
+    omega = torch.pi * (bins / 8) ** (torch.arange(half, dtype=torch.float64) / max(half - 1, 1))
+    ang = v[:, None] * omega[None]
+    return torch.cat([ang.sin(), ang.cos()], dim=1).float()
+
+
+def _soft_pose_ce(logits: Tensor, y: Tensor, sigma: float) -> Tensor:
+    """Summed cross-entropy of pose slots with Gaussian soft labels (std `sigma` bins) on
+    coordinate targets; visibility targets and IGNORE slots as in plain cross-entropy."""
+    logp = logits.log_softmax(-1)
+    keep = y != IGNORE
+    coord = keep & (y < POSE_BINS)
+    flag = keep & ~coord
+    loss = -logp[flag].gather(1, y[flag, None]).sum()
+    if coord.any():
+        yc = y[coord].to(logits.dtype)
+        bins = torch.arange(POSE_BINS, device=logits.device, dtype=logits.dtype)
+        w = torch.exp(-0.5 * ((bins[None] - yc[:, None]) / sigma) ** 2)
+        w = w / w.sum(1, keepdim=True)
+        loss = loss - (w * logp[coord, :POSE_BINS]).sum()
+    return loss

@@ -168,3 +168,20 @@ def test_bad_config_and_tokenizer_files_are_refused(saved, tmp_path):
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match="checkpoint directory not found"):
         load_checkpoint(tmp_path / "nowhere")
+
+
+def test_half_precision_storage_halves_the_file_and_loads_back_to_fp32(tmp_path, tokenizers):
+    image, text = tokenizers
+    model = _model(image.vocab_size, text.vocab_size)
+    full = save_checkpoint(tmp_path / "fp32", model, image, text)
+    half = save_checkpoint(tmp_path / "fp16", model, image, text, storage_dtype="float16")
+    size = lambda p: (p / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(half) < 0.55 * size(full)
+    bundle = load_checkpoint(half)
+    assert all(p.dtype == torch.float32 for p in bundle.model.parameters())
+    batch = _batch(image.vocab_size, text.vocab_size)
+    with torch.no_grad():
+        (a, _), (b, _) = model.eval()(batch), bundle.model(batch)
+    assert all(torch.allclose(a[k], b[k], atol=1e-2, rtol=1e-2) for k in a)
+    with pytest.raises(ValueError, match="storage_dtype"):
+        save_checkpoint(tmp_path / "bad", model, storage_dtype="int8")

@@ -159,3 +159,36 @@ def test_flops_per_token_matches_a_flop_counter():
     # heads are counted at the mean vocabulary, the batch has its own mix: within 25%
     assert 0.75 < measured / (2 * flops.per_sample) < 1.25
     assert model.estimate_mfu(1000.0, 1e12) == pytest.approx(1000.0 * flops.per_token / 1e12)
+
+
+def test_soft_pose_labels_train_towards_the_right_bins_and_eval_ce_stays_hard():
+    """With pose_label_sigma the pose heads learn a bump around the true bin: the argmax
+    lands within a few sigma of the label, while eval-mode loss is the plain cross-entropy."""
+    batch, model = _batch(seed=2), _model(pose_label_sigma=4.0)
+    # neighbouring coordinate bins start with near-identical embeddings and head rows
+    w = model.heads["coords"].weight
+    assert torch.cosine_similarity(w[1000], w[1001], dim=0) > 0.9
+    opt = torch.optim.AdamW(model.optimizer_groups(0.0), lr=3e-3)
+    for _ in range(100):
+        _, loss = model(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        logits, hard = model(batch)
+    valid, mod, labels = batch["dec_valid"], batch["dec_mod"], batch["dec_labels"]
+    errors = []
+    for name in ("coords", "coords_next"):
+        if name not in logits:
+            continue
+        y = labels[valid & (mod == model.names.index(name))]
+        coord = (y != IGNORE) & (y < 8192)
+        errors.append((logits[name][coord].argmax(-1) - y[coord]).abs().float())
+    errors = torch.cat(errors)
+    assert errors.numel() > 10 and errors.median() <= 8
+    per_mod = [
+        F.cross_entropy(lg, labels[valid & (mod == model.names.index(n))], ignore_index=IGNORE)
+        for n, lg in logits.items()
+    ]
+    torch.testing.assert_close(hard, torch.stack(per_mod).mean())
