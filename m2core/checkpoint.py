@@ -97,11 +97,14 @@ def save_checkpoint(
         store = None
         if storage_dtype is not None:
             if storage_dtype not in ("float16", "bfloat16"):
-                raise ValueError(f"storage_dtype must be float16 or bfloat16, got {storage_dtype!r}")
+                raise ValueError(
+                    f"storage_dtype must be float16 or bfloat16, got {storage_dtype!r}"
+                )
             store = getattr(torch, storage_dtype)
         state = {
-            k: (v.detach().to("cpu", store) if store and v.is_floating_point() else v.cpu())
-            .contiguous()
+            k: (
+                v.detach().to("cpu", store) if store and v.is_floating_point() else v.cpu()
+            ).contiguous()
             for k, v in model.state_dict().items()
         }
         save_file(state, tmp / WEIGHTS, metadata={"format": FORMAT})
