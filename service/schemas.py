@@ -1,0 +1,106 @@
+"""Request and response models of the HTTP API (pydantic), and the error body.
+
+Coordinates in and out are in the uploaded image's pixels, as the image is displayed
+(EXIF orientation applied), pixel-centre convention (`m2core.geometry`): a joint is
+`[x, y, visible]` with visible 0 or 1, 13 joints in Penn Action order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from m2core.modalities import JOINT_NAMES, NUM_JOINTS
+
+Joint = tuple[float, float, int]  # x, y in pixels of the upload, visible 0/1
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="machine-readable reason, e.g. `image_too_large`")
+    message: str = Field(description="what was wrong, for a person")
+    field: str | None = Field(None, description="the request field at fault, if one is")
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx answer of the service has this body."""
+
+    error: ErrorDetail
+
+
+class Timings(BaseModel):
+    """Milliseconds spent in each stage of one request."""
+
+    decode: float = Field(description="reading and decoding the upload, letterboxing")
+    queue: float = Field(description="waiting for a batch to start")
+    model: float = Field(description="the batch's model call (tokenize, generate, decode)")
+    encode: float = Field(description="building this response (coords, PNG)")
+    total: float = Field(description="arrival to response")
+    batch_size: int = Field(description="requests in the model call that served this one")
+
+
+class Links(BaseModel):
+    gif: str
+    gif_plain: str
+    next_frame: str
+
+
+class PredictResponse(BaseModel):
+    id: str = Field(description="unguessable id of this prediction (for the GIF and PNG)")
+    caption: str
+    caption_given: bool = Field(description="the caption was supplied, not generated")
+    coords: list[Joint] = Field(description="13 joints now, upload pixels")
+    coords_given: bool = Field(description="the skeleton was supplied, not predicted")
+    coords_next: list[list[list[Joint]]] = Field(description="steps x 6 future skeletons")
+    tok_rgb_next: list[list[list[int]]] = Field(description="steps x 16 x 16 image token ids")
+    joint_names: list[str] = Field(default_factory=lambda: list(JOINT_NAMES))
+    width: int = Field(description="upload width (after EXIF orientation)")
+    height: int = Field(description="upload height (after EXIF orientation)")
+    steps: int
+    temperature: float
+    seed: int = Field(description="seed used (send it back to get the same answer)")
+    device: str
+    dtype: str
+    model_version: str = Field(description="hash of the checkpoint's weights")
+    timings_ms: Timings
+    links: Links
+    warnings: list[str] = Field(default_factory=list)
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Ready(BaseModel):
+    status: str
+    model_version: str | None = None
+    device: str | None = None
+    detail: str | None = None
+
+
+def parse_coords(text: str) -> list[list[float]]:
+    """The `coords` form field: JSON, 13 x [x, y, visible]; ValueError says what is wrong."""
+    try:
+        data: Any = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at position {e.pos})") from None
+    if not isinstance(data, list) or len(data) != NUM_JOINTS:
+        got = f"{len(data)} items" if isinstance(data, list) else type(data).__name__
+        raise ValueError(f"must be a list of {NUM_JOINTS} joints [x, y, visible], got {got}")
+    out = []
+    for i, joint in enumerate(data):
+        name = JOINT_NAMES[i]
+        if not isinstance(joint, list) or len(joint) != 3:
+            raise ValueError(f"joint {i} ({name}) must be [x, y, visible], got {joint!r}")
+        x, y, v = joint
+        for label, value in (("x", x), ("y", y)):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"joint {i} ({name}) {label} must be a number, got {value!r}")
+            if not math.isfinite(value) or abs(value) > 1e6:
+                raise ValueError(f"joint {i} ({name}) {label} must be finite, got {value!r}")
+        if v not in (0, 1):  # True / False compare equal to 1 / 0
+            raise ValueError(f"joint {i} ({name}) visible must be 0 or 1, got {v!r}")
+        out.append([float(x), float(y), float(v)])
+    return out
