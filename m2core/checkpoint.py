@@ -134,6 +134,9 @@ def save_checkpoint(
         (tmp / CARD).write_text(
             model_card if model_card is not None else _default_card(model, meta)
         )
+        # mkdtemp makes 0700: a checkpoint is read by other users (a container's, a server's)
+        for p in (tmp, *tmp.rglob("*")):
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
         _swap_in(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

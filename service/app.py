@@ -5,6 +5,10 @@ device (a missing or damaged one raises `StartupError` with one clear line), sta
 batching loop, then run a warm-up prediction in the background: `/healthz` answers at
 once, `/readyz` only after the warm-up passed.
 
+`/docs` (Swagger UI) and `/redoc` load their scripts and styles from `/docs-static/`,
+files shipped in the `fastapi-offline` wheel, never from a CDN: they work offline. They
+need the API key when one is set, like every route but health.
+
 Middleware, outermost first: metrics (counts every answer, 401/413 included) -> CORS
 (only when origins are configured) -> API key (only when one is set) -> body cap.
 """
@@ -17,6 +21,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -32,6 +37,8 @@ from service.settings import Settings
 from service.store import PredictionStore
 
 log = logging.getLogger(__name__)
+
+DOCS_STATIC = "/docs-static"  # where the Swagger UI / ReDoc assets are served
 
 
 class StartupError(RuntimeError):
@@ -101,12 +108,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await batcher.stop()
             app.state.pipeline = None
 
-    app = FastAPI(
+    app = FastAPIOffline(  # FastAPI with /docs and /redoc on local assets
         title="M2",
         version="0.1.0",
         summary="From one video frame: the skeleton now, a caption, the next six skeletons "
         "and the next key frame.",
         lifespan=lifespan,
+        static_url=DOCS_STATIC,
     )
     app.state.settings = settings
     app.state.metrics = metrics

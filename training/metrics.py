@@ -53,6 +53,11 @@ def forecast_metrics(
         f"pck@{threshold:g}": [pck(err[:, i], vis[:, i], threshold) for i in range(k)],
         "ade": float(err[vis].mean()) if vis.any() else float("nan"),
         "fde": float(err[:, -1][vis[:, -1]].mean()) if vis[:, -1].any() else float("nan"),
+        # mean error at each future step (ADE's terms), to compare step by step
+        "per_step": [
+            float(err[:, i][vis[:, i]].mean()) if vis[:, i].any() else float("nan")
+            for i in range(k)
+        ],
     }
 
 

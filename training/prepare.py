@@ -64,6 +64,7 @@ class PrepareOptions:
     batch_size: int = 32
     skip_bad: bool = False
     device: str = "auto"  # tokenizer / BLIP: auto = cuda when present
+    all_to: str | None = None  # put every clip in this split (a held-out evaluation set)
 
 
 # --- the job ------------------------------------------------------------------------------
@@ -251,15 +252,27 @@ def _load_cached(path: Path) -> dict[str, Any]:
 
 def _write_shards(opts, clip_ids, bad, work, tok_dir, tok_hash, TextTokenizer, image_vocab):
     clips = {c: _load_cached(work / "clips" / f"{c}.npz") for c in clip_ids if c not in bad}
-    splits = assign_splits({c: r["train"] for c, r in clips.items()}, opts.val_fraction, opts.seed)
-    train_caps = [
-        s for c, r in clips.items() if splits[c] == "train" for s in r["captions"].tolist()
-    ]
-    if not train_caps:
-        raise PrepareError(
-            "no training samples: every clip is too short for the stride or held out"
+    if opts.all_to is not None:
+        splits = dict.fromkeys(clips, opts.all_to)
+    else:
+        splits = assign_splits(
+            {c: r["train"] for c, r in clips.items()}, opts.val_fraction, opts.seed
         )
-    text = TextTokenizer.build(train_caps, vocab=opts.caption_vocab, max_len=opts.caption_len)
+    given = opts.tokenizer / "text_tokenizer.json"
+    if given.is_file():
+        # --tokenizer is a serving checkpoint: keep its caption ids, so these shards can
+        # evaluate (or fine-tune) that checkpoint.
+        text = TextTokenizer.load(opts.tokenizer)
+        log.info("captions use the text tokenizer of %s", opts.tokenizer)
+    else:
+        train_caps = [
+            s for c, r in clips.items() if splits[c] == "train" for s in r["captions"].tolist()
+        ]
+        if not train_caps:
+            raise PrepareError(
+                "no training samples: every clip is too short for the stride or held out"
+            )
+        text = TextTokenizer.build(train_caps, vocab=opts.caption_vocab, max_len=opts.caption_len)
     actions = sorted({r["action"] for r in clips.values()})
     order = list(clips)
     out = opts.out
@@ -284,7 +297,7 @@ def _write_shards(opts, clip_ids, bad, work, tok_dir, tok_hash, TextTokenizer, i
         d.mkdir(exist_ok=True)
         n_samples = 0
         for k in ARRAYS:
-            arr = np.concatenate(parts[k]) if parts[k] else _empty(k, id_dt, opts.caption_len)
+            arr = np.concatenate(parts[k]) if parts[k] else _empty(k, id_dt, text.max_len)
             _save_atomic_npy(d / f"{k}.npy", arr)
             n_samples = len(arr)
         counts[split] = {
@@ -301,7 +314,7 @@ def _write_shards(opts, clip_ids, bad, work, tok_dir, tok_hash, TextTokenizer, i
         "counts": counts,
         "image_vocab": int(image_vocab),
         "text_vocab": int(text.vocab_size),
-        "caption_len": int(opts.caption_len),
+        "caption_len": int(text.max_len),
         "caption_vocab": opts.caption_vocab,
         "stride": opts.stride,
         "future_offsets": future_offsets(opts.stride),
@@ -386,6 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true", help="skip broken clips instead of stopping")
     p.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda"), help="for the tokenizer / BLIP"
+    )
+    p.add_argument(
+        "--all-to",
+        choices=SPLITS,
+        default=None,
+        help="put every clip in this split (e.g. test, for a held-out evaluation set)",
     )
     return p
 

@@ -177,6 +177,9 @@ def test_half_precision_storage_halves_the_file_and_loads_back_to_fp32(tmp_path,
     half = save_checkpoint(tmp_path / "fp16", model, image, text, storage_dtype="float16")
     size = lambda p: (p / "model.safetensors").stat().st_size  # noqa: E731
     assert size(half) < 0.55 * size(full)
+    # readable by other users (a container's non-root user, a server account)
+    assert half.stat().st_mode & 0o777 == 0o755
+    assert {(p.stat().st_mode & 0o777) for p in half.rglob("*") if p.is_file()} == {0o644}
     bundle = load_checkpoint(half)
     assert all(p.dtype == torch.float32 for p in bundle.model.parameters())
     batch = _batch(image.vocab_size, text.vocab_size)

@@ -129,11 +129,31 @@ def test_health_ready_metrics_docs_and_page(client: TestClient):
     assert not re.search(r"(src|href)=[\"']?(https?:)?//", page.text)  # no external assets
 
 
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_api_docs_load_their_assets_from_the_service_not_a_cdn(client: TestClient, page: str):
+    r = client.get(page)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert not re.search(r"https?://", r.text)  # works on a machine without internet
+    urls = re.findall(r"(?:src|href|spec-url)=\"([^\"]+)\"", r.text)
+    assets = [u for u in urls if u != "/openapi.json"]
+    assert all(u.startswith("/docs-static/") for u in assets), assets
+    scripts = [u for u in assets if u.endswith(".js")]
+    assert scripts and any(u.endswith(".css") or u.endswith(".png") for u in assets)
+    for url in assets:
+        got = client.get(url)
+        assert got.status_code == 200 and len(got.content) > 1000, url
+    js = client.get(scripts[0])
+    assert "javascript" in js.headers["content-type"] and len(js.content) > 500_000
+    if page == "/docs":  # FastAPI writes OpenAPI 3.1, which Swagger UI renders from v5 on
+        assert client.get("/openapi.json").json()["openapi"].startswith("3.1")
+        assert b"isOAS31" in js.content
+
+
 def test_api_key_guards_everything_but_health(checkpoint_dir):
     app = create_app(settings_for(checkpoint_dir, api_key="s3cret", warmup=False))
     with TestClient(app) as c:
         assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
-        for path in ("/", "/metrics", "/docs", "/rollout.gif?id=x"):
+        for path in ("/", "/metrics", "/docs", "/docs-static/swagger-ui.css", "/rollout.gif?id=x"):
             r = c.get(path)
             assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized", path
         files = {"frame": ("f.png", png_bytes(), "image/png")}
