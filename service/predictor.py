@@ -101,7 +101,7 @@ class M2Predictor:
         self.settings = settings
         self.bundle = None
         self.device = "cpu"
-        self.defaults = GenerationConfig()
+        self.defaults = GenerationConfig(temperature=settings.default_temperature)
 
     # --- setup -----------------------------------------------------------------------------
     def setup(self, device: str) -> None:

@@ -58,10 +58,13 @@ def test_predict_returns_a_full_prediction_in_upload_pixels(client: TestClient):
 
 def test_same_request_and_seed_same_answer_other_seed_differs(client: TestClient):
     frame = png_bytes(seed=3)
-    a, b = predict(client, frame, seed=7), predict(client, frame, seed=7)
+    a, b = (predict(client, frame, seed=7, temperature=1.0) for _ in range(2))
     assert _answer(a) == _answer(b) and a["id"] != b["id"]
-    c = predict(client, frame, seed=8)
+    c = predict(client, frame, seed=8, temperature=1.0)
     assert c["coords_next"] != a["coords_next"]
+    # the default is the most likely forecast (temperature 0): the seed does not matter
+    d, e = predict(client, frame, seed=1), predict(client, frame, seed=2)
+    assert d["temperature"] == 0.0 and d["coords_next"] == e["coords_next"]
 
 
 def test_given_skeleton_and_caption_are_used_and_returned(client: TestClient):
