@@ -134,8 +134,10 @@ def maskgit(
     cfg: GenerationConfig,
     gens: list[torch.Generator],
     pos_table: Tensor | None = None,
+    prior: Tensor | None = None,
 ) -> Tensor:
-    """Generate all tokens of one image / pose modality -> (B, n) ids, none left masked."""
+    """Generate all tokens of one image / pose modality -> (B, n) ids, none left masked.
+    `prior` (B, n): the present token at each position of a future modality (model.py)."""
     reg = model.config.registry()
     table = model.pos_table() if pos_table is None else pos_table
     B, n, device = kv[0][0].shape[0], reg[name].num_tokens, kv[0][0].device
@@ -145,11 +147,14 @@ def maskgit(
     allowed = _vocab_mask(model, name, n, device)
     n_masked, T = n, cfg.maskgit_steps
     for t in range(1, T + 1):
-        h = model.decode(model.embed_queries(ids, mod, pos, table), kv, cross_mask)  # (B, n, D)
+        x = model.embed_queries(ids, mod, pos, table, prior)
+        h = model.decode(x, kv, cross_mask)  # (B, n, D)
         # Only the still-masked positions need logits: every sample has n_masked of them.
         order = (ids >= 0).to(torch.int8).argsort(dim=1, stable=True)[:, :n_masked]
-        logits = model.heads[name](h.gather(1, order[..., None].expand(-1, -1, h.shape[-1])))
-        logits = logits.float()
+        hm = h.gather(1, order[..., None].expand(-1, -1, h.shape[-1])).flatten(0, 1)
+        pm = prior.gather(1, order).flatten() if prior is not None else None
+        logits = model.head_logits(name, hm, pm)
+        logits = logits.view(B, n_masked, logits.shape[-1]).float()
         if allowed is not None:
             logits = logits.masked_fill(~allowed[order], float("-inf"))
         u = _uniform(gens, (n_masked,), device)
@@ -327,12 +332,16 @@ def generate(
             "captions": (caps, cap_valid()),
         })  # fmt: skip
         kv = model.context_kv(ctx)
+        now_pose = coords.repeat(1, FUTURE_FRAMES)  # the present, as every future frame's prior
         out_next.append(
-            timed("coords_next", maskgit, model, "coords_next", kv, mask, cfg, gens, table)
+            timed(
+                "coords_next", maskgit, model, "coords_next", kv, mask, cfg, gens, table, now_pose
+            )
         )
         out_rgb.append(
-            timed("tok_rgb_next", maskgit, model, "tok_rgb_next", kv, mask, cfg, gens, table)
-        )
+            timed("tok_rgb_next", maskgit, model, "tok_rgb_next", kv, mask, cfg, gens, table,
+                  rgb_in[0])
+        )  # fmt: skip
         rgb_in = (out_rgb[-1], rgb_in[1])
         coords = out_next[-1][:, (FUTURE_FRAMES - 1) * TOKENS_PER_POSE :]
     return GenerationResult(

@@ -32,6 +32,7 @@ target_budget; slots grouped by modality in registry order, then padding):
 | dec_query | (B, T) int64 | token carried by the query; -1 = the mask token |
 | dec_mod, dec_pos, dec_valid | (B, T) | as for inputs |
 | dec_labels | (B, T) int64 | target id, or -100 (padding / revealed: no loss) |
+| dec_prior | (B, T) int64 | for `coords_next` / `tok_rgb_next` targets: the present token at that position (`coords` joint/component, `tok_rgb` cell), else -1 |
 
 Per-sample cost is tens of microseconds (bench/bench_model.py measures it).
 """
@@ -55,6 +56,8 @@ _NAMES = tuple(_REG)
 _KIND = {n: m.kind for n, m in _REG.items()}
 _INDEX = {n: i for i, n in enumerate(_REG)}
 _LENGTH = {n: m.num_tokens for n, m in _REG.items() if m.kind != "text"}
+# future modality -> the present one whose aligned token is its query's prior (model.py)
+_PRESENT_OF = {"coords_next": "coords", "tok_rgb_next": "tok_rgb"}
 
 
 def cosine_schedule(u: float | np.ndarray) -> float | np.ndarray:
@@ -211,7 +214,7 @@ def mask_sample(
         "enc_pos": np.zeros(size_in, np.int64), "enc_valid": np.zeros(size_in, bool),
         "dec_query": np.full(size_t, -1, np.int64), "dec_mod": np.zeros(size_t, np.int64),
         "dec_pos": np.zeros(size_t, np.int64), "dec_labels": np.full(size_t, IGNORE, np.int64),
-        "dec_valid": np.zeros(size_t, bool),
+        "dec_valid": np.zeros(size_t, bool), "dec_prior": np.full(size_t, -1, np.int64),
     }  # fmt: skip
     i = t = 0  # next free input / target slot
     for j, name in enumerate(names):
@@ -244,6 +247,9 @@ def mask_sample(
         out["dec_labels"][t : t + k_t] = labels
         out["dec_pos"][t : t + k_t] = tgt
         out["dec_mod"][t : t + k_t] = mod
+        src = _PRESENT_OF.get(name)
+        if src in ids:
+            out["dec_prior"][t : t + k_t] = ids[src][tgt % len(ids[src])]
         i, t = i + k_in, t + k_t
     out["enc_valid"][:i] = True
     out["dec_valid"][:t] = True

@@ -50,6 +50,10 @@ from m2core.modalities import (
 log = logging.getLogger(__name__)
 
 IGNORE = -100  # label of a slot without loss (padding, or a revealed MaskGIT token)
+# The present modality whose token at the same position (pose: same joint and component)
+# is the prior of a future modality's query (see M2Config.present_prior).
+PRESENT_OF: dict[str, str] = {"coords_next": "coords", "tok_rgb_next": "tok_rgb"}
+_COPY_WIDTH = 64.0  # bins (2 pixels of the 256 frame): width of the pose copy bonus
 
 # Body sizes; everything else (vocabularies, budgets) is a separate field of M2Config.
 PRESETS: dict[str, dict[str, int]] = {
@@ -82,6 +86,11 @@ class M2Config:
     # pose embeddings/heads from smooth features of the bin value lets a small model learn
     # "near the right place" instead of 8192 unrelated classes. Eval CE stays hard-label.
     pose_label_sigma: float = 0.0
+    # The future starts from the present: a query of `coords_next` / `tok_rgb_next` also
+    # carries the present token at its position (from `coords` / `tok_rgb`), and its logits
+    # get a learned bonus on that token (pose: on nearby bins), so the model starts from
+    # the zero-velocity forecast and learns the change. Needs `dec_prior` in the batch.
+    present_prior: bool = True
 
     def __post_init__(self) -> None:
         for name in ("dim", "enc_layers", "dec_layers", "heads", "input_tokens", "target_tokens"):
@@ -106,8 +115,8 @@ class M2Config:
         for key, value in data.items():
             if key not in types:
                 raise ValueError(f"unknown model config key {key!r}; known: {sorted(types)}")
-            want = {"int": int, "float": (int, float), "str": str}[str(types[key])]
-            if isinstance(value, bool) or not isinstance(value, want):
+            want = {"int": int, "float": (int, float), "str": str, "bool": bool}[str(types[key])]
+            if (isinstance(value, bool) and want is not bool) or not isinstance(value, want):
                 raise ValueError(f"model config key {key!r}: expected {types[key]}, got {value!r}")
         return cls(**data)
 
@@ -198,6 +207,12 @@ class M2Model(nn.Module):
         self.heads = nn.ModuleDict(
             {n: nn.Linear(D, reg[n].vocab_size, bias=False) for n in self.target_names}
         )
+        # present -> future prior: source modality of each modality's prior (itself if none)
+        src = [self.names.index(PRESENT_OF.get(n, n)) for n in self.names]
+        self.register_buffer("prior_src", torch.tensor(src), persistent=False)
+        self.copy_gain = nn.ParameterDict(
+            {n: nn.Parameter(torch.tensor(3.0)) for n in PRESENT_OF if config.present_prior}
+        )
         self._init_weights()
         log.info("M2Model %s: %.2fM parameters", config.preset, self.num_params() / 1e6)
 
@@ -228,6 +243,12 @@ class M2Model(nn.Module):
                 self.tok_emb.weight[offsets[i] : offsets[i] + POSE_BINS] = smooth
                 if name in self.heads:
                     self.heads[name].weight[:POSE_BINS] = smooth
+            # the future image head starts as the present image's embedding table, so the
+            # present token (added to the query) already points at itself
+            if self.config.present_prior and "tok_rgb_next" in self.heads:
+                i = self.names.index("tok_rgb")
+                rows = self.tok_emb.weight[offsets[i] : offsets[i] + reg["tok_rgb"].vocab_size]
+                self.heads["tok_rgb_next"].weight.copy_(rows)
 
     # --- Embedding ---------------------------------------------------------------
     def pos_table(self) -> Tensor:
@@ -270,12 +291,43 @@ class M2Model(nn.Module):
         return [block.context_kv(context) for block in self.decoder]
 
     def embed_queries(
-        self, query: Tensor, mod: Tensor, pos: Tensor, table: Tensor | None = None
+        self,
+        query: Tensor,
+        mod: Tensor,
+        pos: Tensor,
+        table: Tensor | None = None,
+        prior: Tensor | None = None,
     ) -> Tensor:
-        """Decoder queries: mask token where query == -1, else that token's embedding."""
+        """Decoder queries: mask token where query == -1, else that token's embedding;
+        plus, where prior >= 0, the embedding of the present token at that position."""
         tok = self.embed_tokens(query.clamp(min=0), mod)
         tok = torch.where((query >= 0)[..., None], tok, self.mask_token.to(tok.dtype))
-        return tok + self.embed_positions(mod, pos, table)
+        x = tok + self.embed_positions(mod, pos, table)
+        if prior is not None and self.config.present_prior:
+            present = self.embed_tokens(prior.clamp(min=0), self.prior_src[mod])
+            x = x + torch.where((prior >= 0)[..., None], present, 0.0)
+        return x
+
+    def head_logits(self, name: str, h: Tensor, prior: Tensor | None = None) -> Tensor:
+        """(n, D) decoder states of one modality's slots -> (n, V) logits, with the learned
+        bonus on the present token (pose coordinates: a bump over nearby bins)."""
+        out = self.heads[name](h)
+        if prior is None or name not in self.copy_gain:
+            return out
+        has = prior >= 0
+        if self.kinds[name] == "pose":
+            coord = has & (prior < POSE_BINS)
+            bins = torch.arange(POSE_BINS, device=h.device, dtype=out.dtype)
+            bump = torch.exp(-0.5 * ((bins - prior[:, None].to(out.dtype)) / _COPY_WIDTH) ** 2)
+            bonus = torch.zeros_like(out)
+            bonus[:, :POSE_BINS] = bump * coord[:, None]
+            flag = (has & ~coord).nonzero().squeeze(1)
+            bonus[flag, prior[flag]] = 1.0
+        else:
+            bonus = torch.zeros_like(out)
+            idx = has.nonzero().squeeze(1)
+            bonus[idx, prior[idx]] = 1.0
+        return out + self.copy_gain[name] * bonus
 
     def target_mask(self, mod: Tensor, valid: Tensor) -> Tensor:
         """(B, 1, Nt, Nt) bool: same modality group, and causal inside a text group."""
@@ -314,7 +366,8 @@ class M2Model(nn.Module):
             batch["enc_ids"], batch["enc_mod"], batch["enc_pos"], batch["enc_valid"], table
         )
         mod, valid = batch["dec_mod"], batch["dec_valid"]
-        x = self.embed_queries(batch["dec_query"], mod, batch["dec_pos"], table)
+        prior = batch.get("dec_prior")
+        x = self.embed_queries(batch["dec_query"], mod, batch["dec_pos"], table, prior)
         h = self.decode(x, self.context_kv(context), cross_mask, self.target_mask(mod, valid))
         labels = batch.get("dec_labels")
         logits: dict[str, Tensor] = {}
@@ -324,7 +377,8 @@ class M2Model(nn.Module):
             sel = (valid & (mod == self.names.index(name))).flatten().nonzero().squeeze(1)
             if sel.numel() == 0:
                 continue
-            out = self.heads[name](h.flatten(0, 1).index_select(0, sel))  # (n, V)
+            p = prior.flatten().index_select(0, sel) if prior is not None else None
+            out = self.head_logits(name, h.flatten(0, 1).index_select(0, sel), p)  # (n, V)
             if return_logits:
                 logits[name] = out
             if labels is not None:

@@ -83,7 +83,7 @@ m2 synth --out data/demo/synth --clips 400 --seed 0 --workers 2
 m2 train-tokenizer --data data/demo/synth --out data/demo/tokenizer --config configs/tokenizer.yaml steps=1500
 m2 prepare --data data/demo/synth --tokenizer data/demo/tokenizer --out data/demo/prepared
 accelerate launch --cpu --num_processes 1 training/train.py --config configs/m2-tiny.yaml \\
-    data_dir=data/demo/prepared output_dir=data/demo/run total_tokens=14
+    data_dir=data/demo/prepared output_dir=data/demo/run
 python scripts/pack_checkpoint.py data/demo/run/final checkpoints/m2-demo --dtype float16
 m2 eval --checkpoint checkpoints/m2-demo --data data/demo/prepared --out data/demo/eval --split test --samples 1024
 ```

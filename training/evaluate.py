@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from m2core.model import PRESENT_OF
 from training import metrics as M
 from training.data import MaskedDataset, Shards, load_meta
 
@@ -62,10 +63,15 @@ def full_batch(
         labels = torch.where(tvalid, x, IGNORE)
     else:
         query, labels = torch.full_like(x, -1), x.clone()
+    prior = torch.full_like(x, -1)
+    present = PRESENT_OF.get(target)
+    if present is not None and present in rows:  # the present token at each future position
+        now = rows[present]
+        prior = now.repeat(1, x.shape[1] // now.shape[1])
     return {
         "enc_ids": ids, "enc_mod": mod, "enc_pos": pos, "enc_valid": valid,
         "dec_query": query, "dec_mod": torch.full_like(x, names.index(target)), "dec_pos": tpos,
-        "dec_valid": tvalid, "dec_labels": labels,
+        "dec_valid": tvalid, "dec_labels": labels, "dec_prior": prior,
     }  # fmt: skip
 
 

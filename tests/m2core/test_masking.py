@@ -182,3 +182,20 @@ def test_collator_in_a_dataloader():
         6,
         128,
     )
+
+
+def test_future_targets_carry_the_present_token_at_their_position():
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        sample = random_sample(rng, 64, 300, 16)
+        out = mask_sample(sample, MaskingConfig(), rng)
+        names = list(build_registry(64, 300, 16))
+        for slot in np.flatnonzero(out["dec_valid"]):
+            name, pos = names[out["dec_mod"][slot]], out["dec_pos"][slot]
+            if name == "coords_next":
+                assert out["dec_prior"][slot] == sample["coords"][pos % 39]
+            elif name == "tok_rgb_next":
+                assert out["dec_prior"][slot] == sample["tok_rgb"][pos]
+            else:
+                assert out["dec_prior"][slot] == -1
+        assert (out["dec_prior"][~out["dec_valid"]] == -1).all()
