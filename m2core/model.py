@@ -54,6 +54,7 @@ IGNORE = -100  # label of a slot without loss (padding, or a revealed MaskGIT to
 # is the prior of a future modality's query (see M2Config.present_prior).
 PRESENT_OF: dict[str, str] = {"coords_next": "coords", "tok_rgb_next": "tok_rgb"}
 _COPY_WIDTH = 64.0  # bins (2 pixels of the 256 frame): width of the pose copy bonus
+_MAX_OFFSET = 2048  # bins (a quarter of the frame): reach of the pose offset head
 
 # Body sizes; everything else (vocabularies, budgets) is a separate field of M2Config.
 PRESETS: dict[str, dict[str, int]] = {
@@ -213,6 +214,16 @@ class M2Model(nn.Module):
         self.copy_gain = nn.ParameterDict(
             {n: nn.Parameter(torch.tensor(3.0)) for n in PRESENT_OF if config.present_prior}
         )
+        # Future pose coordinates also get logits over their *offset* from the present bin
+        # (translation-invariant: "moves 40 bins left" is the same wherever the joint is).
+        # Zero-initialised, so training starts from the copy forecast.
+        self.offset_heads = nn.ModuleDict(
+            {
+                n: nn.Linear(D, 2 * _MAX_OFFSET + 1, bias=False)
+                for n in PRESENT_OF
+                if config.present_prior and reg[n].kind == "pose"
+            }
+        )
         self._init_weights()
         log.info("M2Model %s: %.2fM parameters", config.preset, self.num_params() / 1e6)
 
@@ -233,6 +244,8 @@ class M2Model(nn.Module):
         # bins begin (and, under soft labels, stay) similar in both embedding and head.
         if self.tok_emb.weight.is_meta:  # size-only models (param counts) have no data
             return
+        for head in self.offset_heads.values():
+            nn.init.zeros_(head.weight)
         smooth = _bin_features(POSE_BINS, self.config.dim) * std * 2**0.5
         reg = self.config.registry()
         offsets = self.tok_offset.tolist()
@@ -323,6 +336,12 @@ class M2Model(nn.Module):
             bonus[:, :POSE_BINS] = bump * coord[:, None]
             flag = (has & ~coord).nonzero().squeeze(1)
             bonus[flag, prior[flag]] = 1.0
+            if name in self.offset_heads:
+                rel = self.offset_heads[name](h)  # (n, 2K+1) logits over offsets -K..K
+                idx = bins.long()[None] - prior[:, None] + _MAX_OFFSET  # (n, bins)
+                inside = (idx >= 0) & (idx <= 2 * _MAX_OFFSET) & coord[:, None]
+                shift = rel.gather(1, idx.clamp(0, 2 * _MAX_OFFSET)) * inside
+                out = torch.cat([out[:, :POSE_BINS] + shift, out[:, POSE_BINS:]], dim=1)
         else:
             bonus = torch.zeros_like(out)
             idx = has.nonzero().squeeze(1)

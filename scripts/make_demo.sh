@@ -26,7 +26,7 @@ stage "m2 synth (400 clips)" 1 m2 synth --out "$WORK/synth" --clips 400 --seed 0
 stage "m2 train-tokenizer (1500 steps)" 1 m2 train-tokenizer --data "$WORK/synth" --out "$WORK/tokenizer" \
   --config configs/tokenizer.yaml steps=1500
 stage "m2 prepare" 1 m2 prepare --data "$WORK/synth" --tokenizer "$WORK/tokenizer" --out "$WORK/prepared" --workers 2
-stage "accelerate launch training/train.py (12M tokens)" 2 accelerate launch --cpu --num_processes 1 \
+stage "accelerate launch training/train.py (8M tokens)" 2 accelerate launch --cpu --num_processes 1 \
   --num_machines 1 --mixed_precision no --dynamo_backend no training/train.py --config configs/m2-tiny.yaml \
   data_dir="$WORK/prepared" output_dir="$WORK/run"
 # Half-precision storage keeps the bundle under 40 MB; loading restores fp32.

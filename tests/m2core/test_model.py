@@ -192,3 +192,38 @@ def test_soft_pose_labels_train_towards_the_right_bins_and_eval_ce_stays_hard():
         for n, lg in logits.items()
     ]
     torch.testing.assert_close(hard, torch.stack(per_mod).mean())
+
+
+def test_offset_head_learns_a_shift_from_the_present_pose():
+    """Every joint moves +300 bins: the copy prior starts at the present, the offset head
+    learns the displacement (the same for every absolute position)."""
+    rng = np.random.default_rng(7)
+    samples = []
+    for _ in range(4):
+        s = random_sample(rng, 64, 300, 16)
+        s["coords"][0::3] = rng.integers(1000, 7000, 13)
+        s["coords"][1::3] = rng.integers(1000, 7000, 13)
+        future = np.tile(s["coords"], 6)
+        future[0::3] += 300
+        future[1::3] += 300
+        s["coords_next"] = future
+        samples.append(s)
+    cfg = MaskingConfig(input_budget=64, target_budget=64,
+                        alpha_sets=(AlphaSet({"tok_rgb": 1.0, "coords": 1.0}, {"coords_next": 1.0}),))  # fmt: skip
+    batch = collate([mask_sample(s, cfg, rng) for s in samples])
+    model = _model(pose_label_sigma=8.0)
+    assert model.offset_heads["coords_next"].weight.abs().sum() == 0  # starts from the copy
+    opt = torch.optim.AdamW(model.optimizer_groups(0.0), lr=3e-3)
+    for _ in range(60):
+        _, loss = model(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        logits, _ = model(batch)
+    y = batch["dec_labels"][batch["dec_valid"]]
+    prior = batch["dec_prior"][batch["dec_valid"]]
+    coord = (y != IGNORE) & (y < 8192)
+    shift = logits["coords_next"][coord].argmax(-1) - prior[coord]
+    assert (shift - 300).abs().float().median() <= 16
