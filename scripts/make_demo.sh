@@ -32,7 +32,7 @@ stage "accelerate launch training/train.py (8M tokens)" 2 accelerate launch --cp
 # Half-precision storage keeps the bundle under 40 MB; loading restores fp32.
 python scripts/pack_checkpoint.py "$WORK/run/final" "$CKPT" --dtype float16
 stage "m2 eval (test split)" 2 m2 eval --checkpoint "$CKPT" --data "$WORK/prepared" --out "$WORK/eval" \
-  --split test --samples 1024
+  --split test --samples 256
 OMP_NUM_THREADS=2 python scripts/reproduce_check.py --checkpoint "$CKPT" --work "$WORK/repro"
 python scripts/plot_curves.py "$WORK/run" --out "$WORK/curves.png"
 python scripts/model_card.py --checkpoint "$CKPT" --work "$WORK"

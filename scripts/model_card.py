@@ -54,7 +54,7 @@ def _gain_table(cn: dict) -> str:
     return "\n".join(rows)
 
 
-def card(ckpt: Path, work: Path) -> str:
+def card(ckpt: Path, work: Path, history: str = "") -> str:
     report = _read(work / "eval" / "report.json")
     tok = _read(work / "tokenizer" / "metrics.json")
     meta = _read(work / "prepared" / "meta.json")
@@ -85,7 +85,7 @@ m2 prepare --data data/demo/synth --tokenizer data/demo/tokenizer --out data/dem
 accelerate launch --cpu --num_processes 1 training/train.py --config configs/m2-tiny.yaml \\
     data_dir=data/demo/prepared output_dir=data/demo/run
 python scripts/pack_checkpoint.py data/demo/run/final checkpoints/m2-demo --dtype float16
-m2 eval --checkpoint checkpoints/m2-demo --data data/demo/prepared --out data/demo/eval --split test --samples 1024
+m2 eval --checkpoint checkpoints/m2-demo --data data/demo/prepared --out data/demo/eval --split test --samples 256
 ```
 
 Machine: {times.get("machine", platform.processor() or platform.machine())}, no GPU.
@@ -100,6 +100,7 @@ caption vocabulary {meta["text_vocab"]} ids (compact GPT-2 BPE), image vocabular
 
 Training: {_last(rows, "tokens") / 1e6:.1f}M tokens ({_last(rows, "step")} steps of 16 x 256),
 final training loss {_last(rows, "train/loss"):.3f}, validation CE (masked, mean) {_last(rows, "val/ce_mean") or float("nan"):.3f}.
+{history}
 
 ## Evaluation on held-out clips (`m2 eval`, test split: clips never seen in training)
 
@@ -151,9 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", type=Path, required=True)
     ap.add_argument("--work", type=Path, required=True, help="folder make_demo.sh worked in")
+    ap.add_argument("--history", default="", help="a paragraph on how this checkpoint came about")
     args = ap.parse_args(argv)
     try:
-        text = card(args.checkpoint, args.work)
+        text = card(args.checkpoint, args.work, args.history)
     except (FileNotFoundError, KeyError, json.JSONDecodeError) as e:
         print(f"model_card: error: {e}", file=sys.stderr)
         return 2
