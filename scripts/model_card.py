@@ -56,7 +56,7 @@ def _gain_table(cn: dict) -> str:
 
 def card(ckpt: Path, work: Path, history: str = "") -> str:
     report = _read(work / "eval" / "report.json")
-    tok = _read(work / "tokenizer" / "metrics.json")
+    tok = _read(work / "tokenizer" / "metrics.json")["held_out"]
     meta = _read(work / "prepared" / "meta.json")
     times = _read(work / "times.json")
     repro = _read(ckpt / "reproduce.json")
@@ -88,7 +88,7 @@ python scripts/pack_checkpoint.py data/demo/run/final checkpoints/m2-demo --dtyp
 m2 eval --checkpoint checkpoints/m2-demo --data data/demo/prepared --out data/demo/eval --split test --samples 256
 ```
 
-Machine: {times.get("machine", platform.processor() or platform.machine())}, no GPU.
+Machine: {times.get("machine", platform.processor() or platform.machine())}.
 
 | stage | wall time |
 |---|---|
@@ -109,17 +109,17 @@ final training loss {_last(rows, "train/loss"):.3f}, validation CE (masked, mean
 
 {_gain_table(cn)}
 
-ADE {cn["ade"]:.4f} vs zero velocity {zv["ade"]:.4f} ({100 * (1 - cn["ade"] / zv["ade"]):+.1f}% lower is better:
-{"M2 is better" if cn["ade"] < zv["ade"] else "M2 is NOT better"}); FDE {cn["fde"]:.4f} vs {zv["fde"]:.4f}
-({100 * (1 - cn["fde"] / zv["fde"]):+.1f}%).
+ADE {cn["ade"]:.4f} vs zero velocity {zv["ade"]:.4f} ({100 * (cn["ade"] / zv["ade"] - 1):+.1f}%:
+{"M2 is better" if cn["ade"] < zv["ade"] else "M2 is NOT better than zero velocity"}); FDE {cn["fde"]:.4f} vs {zv["fde"]:.4f}
+({100 * (cn["fde"] / zv["fde"] - 1):+.1f}%).
 
 ### Image tokenizer (held-out frames)
 
 | method | PSNR (dB) |
 |---|---|
 | tokenizer (16x16 ids, {tok.get("vocab_size", meta["image_vocab"])} codes) | {tok["psnr"]:.2f} |
-| 16x16 block mean | {tok["baselines"]["block_mean"]:.2f} |
-| nearest 16x16 down/up | {tok["baselines"]["nearest"]:.2f} |
+| 16x16 block mean | {tok["psnr_block_mean"]:.2f} |
+| nearest 16x16 down/up | {tok["psnr_nearest"]:.2f} |
 
 Codebook usage on held-out frames: {100 * tok["codebook_usage"]:.1f}%.
 
