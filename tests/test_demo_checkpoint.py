@@ -82,7 +82,7 @@ def test_predict_on_held_out_frames_answers_in_the_upload_frame(client):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="the demo model (12M tokens on a 2-core CPU) has not learned to find the figure "
+    reason="the demo model (4M tokens on a 2-core CPU) has not learned to find the figure "
     "or name the action yet: issue 7 stays open (see the model card)",
 )
 def test_predict_on_held_out_frames_finds_the_figure_and_names_the_action(client):
