@@ -16,16 +16,6 @@ from m2core.tokenizers.text import TextTokenizer
 SMALL = {"dim": 64, "enc_layers": 1, "dec_layers": 1, "heads": 4, "caption_len": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small ops on a shared 2-core machine run far faster on one thread than on two
-    threads fighting other processes (measured: 4.5 s vs 28 s for the overfit test)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tokenizers():
     text = TextTokenizer.build(["a person waves both arms", "a figure jumps"], max_len=16)

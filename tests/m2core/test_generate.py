@@ -15,16 +15,6 @@ CFG = M2Config(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small ops on a shared 2-core machine run far faster on one thread than on two
-    threads fighting other processes (measured: 4.5 s vs 28 s for the overfit test)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)

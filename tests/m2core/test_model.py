@@ -22,16 +22,6 @@ SMALL = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small ops on a shared 2-core machine run far faster on one thread than on two
-    threads fighting other processes (measured: 4.5 s vs 28 s for the overfit test)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _batch(n=4, seed=0, cfg=None, **kw):
     rng = np.random.default_rng(seed)
     cfg = cfg or MaskingConfig(input_budget=32, target_budget=32)
