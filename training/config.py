@@ -191,12 +191,17 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a mapping of keys, got {type(loaded).__name__}")
         values = _canonical_keys(loaded, source=str(path))
+    _apply_overrides(values, overrides)
+    return config_from_dict(values)
+
+
+def _apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> None:
+    """Apply `key=value` overrides (values parsed as YAML) to `values` in place."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"override {item!r} is not key=value")
         _apply_override(values, key.strip(), _parse_value(raw))
-    return config_from_dict(values)
 
 
 def make_config(
@@ -210,11 +215,7 @@ def make_config(
         if isinstance(source, TrainConfig)
         else _canonical_keys(dict(source), "config")
     )
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"override {item!r} is not key=value")
-        _apply_override(values, key.strip(), _parse_value(raw))
+    _apply_overrides(values, overrides)
     return config_from_dict(values)
 
 

@@ -28,6 +28,17 @@ def _batch(n=4, seed=0, cfg=None, **kw):
     return collate([mask_sample(random_sample(rng, 64, 300, 16, **kw), cfg, rng) for _ in range(n)])
 
 
+def _fit(model, batch, steps):
+    """AdamW (lr 3e-3, no decay) on one batch for `steps` steps -> the last loss."""
+    opt = torch.optim.AdamW(model.optimizer_groups(0.0), lr=3e-3)
+    for _ in range(steps):
+        _, loss = model(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss
+
+
 def _model(seed=0, **kw):
     torch.manual_seed(seed)
     return M2Model(M2Config(**{**SMALL, **kw}))
@@ -35,13 +46,8 @@ def _model(seed=0, **kw):
 
 def test_overfits_one_small_batch():
     batch, model = _batch(), _model()
-    opt = torch.optim.AdamW(model.optimizer_groups(0.0), lr=3e-3)
     _, first = model(batch)
-    for _ in range(100):
-        _, loss = model(batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    loss = _fit(model, batch, 100)
     assert first.item() > 4.0
     assert loss.item() < 0.05
 
@@ -158,12 +164,7 @@ def test_soft_pose_labels_train_towards_the_right_bins_and_eval_ce_stays_hard():
     # neighbouring coordinate bins start with near-identical embeddings and head rows
     w = model.heads["coords"].weight
     assert torch.cosine_similarity(w[1000], w[1001], dim=0) > 0.9
-    opt = torch.optim.AdamW(model.optimizer_groups(0.0), lr=3e-3)
-    for _ in range(100):
-        _, loss = model(batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _fit(model, batch, 100)
     model.eval()
     with torch.no_grad():
         logits, hard = model(batch)
@@ -203,12 +204,7 @@ def test_offset_head_learns_a_shift_from_the_present_pose():
     batch = collate([mask_sample(s, cfg, rng) for s in samples])
     model = _model(pose_label_sigma=8.0)
     assert model.offset_heads["coords_next"].weight.abs().sum() == 0  # starts from the copy
-    opt = torch.optim.AdamW(model.optimizer_groups(0.0), lr=3e-3)
-    for _ in range(60):
-        _, loss = model(batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _fit(model, batch, 60)
     model.eval()
     with torch.no_grad():
         logits, _ = model(batch)
