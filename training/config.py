@@ -76,6 +76,10 @@ class TrainConfig:
     keep_checkpoints: int = 3
     resume: str = "auto"  # auto | none | path of a checkpoint directory
     stop_after_steps: int | None = None  # stop early (checkpoint, no export): like a kill
+    # Wall-clock budget in minutes (0 = off): after a short calibration the run measures its
+    # speed and cuts total_tokens (an upper bound then) so that training, the last
+    # evaluation and the export end within the budget; the lr schedule follows the new total.
+    time_budget: float = 0.0
     log_interval: int = 10  # steps between log lines / tracker rows
     num_workers: int = 2  # DataLoader workers per process
     plan_devices: int | None = None  # device count the printed plan assumes
@@ -145,6 +149,25 @@ def make_plan(cfg: TrainConfig, devices: int) -> Plan:
         warmup_steps=steps(cfg.warmup_tokens),
         eval_every=steps(cfg.eval_interval),
         checkpoint_every=steps(cfg.checkpoint_interval),
+    )
+
+
+def fit_to_time(
+    cfg: TrainConfig, plan: Plan, step: int, steps_per_s: float, seconds_left: float
+) -> TrainConfig:
+    """`cfg` with total_tokens cut so the remaining steps take at most `seconds_left` at
+    `steps_per_s` (never raised, never below the current step + 1)."""
+    return with_total_steps(cfg, plan, step + max(1, int(steps_per_s * max(seconds_left, 0.0))))
+
+
+def with_total_steps(cfg: TrainConfig, plan: Plan, steps: int) -> TrainConfig:
+    """`cfg` ending after min(steps, plan.total_steps) steps; warmup is kept when it fits
+    in the first tenth of the new total, else shrunk to that tenth."""
+    if steps >= plan.total_steps:
+        return cfg
+    total = steps * plan.tokens_per_step / 1e6
+    return dataclasses.replace(
+        cfg, total_tokens=total, warmup_tokens=min(cfg.warmup_tokens, total / 10)
     )
 
 
@@ -368,6 +391,7 @@ def _validate(cfg: TrainConfig) -> None:
         if not ok:
             raise ValueError(f"config: {msg}")
 
+    need(cfg.time_budget >= 0, f"time_budget must be >= 0 minutes, got {cfg.time_budget}")
     for name in ("batch_size", "num_tokens_per_sample", "grad_accum", "keep_checkpoints"):
         need(getattr(cfg, name) >= 1, f"{name} must be >= 1, got {getattr(cfg, name)}")
     need(cfg.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {cfg.dtype!r}")

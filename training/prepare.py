@@ -1,6 +1,7 @@
 """`m2 prepare`: Penn-Action-layout clips -> token shards that training memory-maps.
 
-For every clip: key frames t = 0, S, 2S, ... (while t + S is in the clip) are loaded,
+For every clip: key frames t = 0, H, 2H, ... (while t + S is in the clip; the hop H is the
+stride S unless `--hop` sets it) are loaded,
 letterboxed to 256x256 and tokenized with the image tokenizer; a sample holds frame t
 (`tok_rgb`), frame t + S (`tok_rgb_next`), the joints at t (`coords`) and at six frames
 spread up to t + S (`coords_next`: t+1 ... t+6 for S = 6), one caption for frame t, plus
@@ -29,8 +30,10 @@ import logging
 import os
 import shutil
 import sys
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +58,7 @@ class PrepareOptions:
     tokenizer: Path
     out: Path
     stride: int = 6
+    hop: int | None = None  # key-frame hop; None = stride
     captioner: str = "template"
     val_fraction: float = 0.1
     seed: int = 0
@@ -112,6 +116,8 @@ def prepare(opts: PrepareOptions) -> dict[str, Any]:
 
     if opts.stride < 1:
         raise ValueError(f"--stride must be >= 1, got {opts.stride}")
+    if opts.hop is not None and opts.hop < 1:
+        raise ValueError(f"--hop must be >= 1, got {opts.hop}")
     if not 0 <= opts.val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {opts.val_fraction}")
     if not opts.data.is_dir():
@@ -134,7 +140,7 @@ def prepare(opts: PrepareOptions) -> dict[str, Any]:
     (out / "meta.json").unlink(missing_ok=True)  # from now on the folder reads as incomplete
     work = out / ".work"
     job = {"format": FORMAT, "data": str(opts.data.resolve()), "stride": opts.stride,
-           "captioner": opts.captioner, "image_tokenizer_sha256": tok_hash}  # fmt: skip
+           "hop": opts.hop or opts.stride, "captioner": opts.captioner, "image_tokenizer_sha256": tok_hash}  # fmt: skip
     job_file = work / "job.json"
     if job_file.is_file() and json.loads(job_file.read_text()) != job:
         log.info("settings changed since the cached run: starting over")
@@ -152,15 +158,15 @@ def prepare(opts: PrepareOptions) -> dict[str, Any]:
     bad: list[str] = []
     with torch.inference_mode():
         for clip_id, res in _clip_results(opts, todo, bad):
+            now, nxt = res.pop("image_now"), res.pop("image_next")
             if blip is not None:
-                keys = np.arange(len(res["frame"]))
                 res["captions"] = np.asarray(
-                    _batched(blip, res["images"][keys], opts.batch_size), dtype=str
+                    _batched(blip, res["images"][now], opts.batch_size), dtype=str
                 )
             ids = _tokenize(image_tok, res.pop("images"), opts.batch_size)
             _save_atomic_npz(
                 work / "clips" / f"{clip_id}.npz",
-                tok_rgb=ids[:-1], tok_rgb_next=ids[1:],
+                tok_rgb=ids[now], tok_rgb_next=ids[nxt],
                 **{k: v for k, v in res.items() if isinstance(v, np.ndarray)},
                 info=np.asarray(json.dumps({k: v for k, v in res.items() if not isinstance(v, np.ndarray)})),
             )  # fmt: skip
@@ -187,25 +193,39 @@ def _clip_results(opts: PrepareOptions, todo: list[str], bad: list[str]):
     try:
         if opts.workers <= 1:
             for c in todo:
-                res = handle(c, lambda c=c: read_clip_samples(opts.data, c, opts.stride))
+                res = handle(c, lambda c=c: read_clip_samples(opts.data, c, opts.stride, opts.hop))
                 bar.update()
                 if res is not None:
                     yield c, res
         else:
             import multiprocessing as mp
 
+            # a bounded window of clips in flight: each holds its decoded frames (~9 MB for
+            # 45 frames), and the tokenizer may be slower than the readers
+            window = 2 * opts.workers + 2
             with ProcessPoolExecutor(opts.workers, mp_context=mp.get_context("spawn")) as pool:
-                futures = [
-                    (c, pool.submit(read_clip_samples, opts.data, c, opts.stride)) for c in todo
-                ]
+                pending: deque = deque()
+                queue = iter(todo)
                 try:
-                    for c, fut in futures:
+                    while True:
+                        for c in islice(queue, window - len(pending)):
+                            pending.append(
+                                (
+                                    c,
+                                    pool.submit(
+                                        read_clip_samples, opts.data, c, opts.stride, opts.hop
+                                    ),
+                                )
+                            )
+                        if not pending:
+                            break
+                        c, fut = pending.popleft()
                         res = handle(c, fut.result)
                         bar.update()
                         if res is not None:
                             yield c, res
                 except BaseException:
-                    for _, fut in futures:
+                    for _, fut in pending:
                         fut.cancel()
                     raise
     finally:
@@ -317,6 +337,7 @@ def _write_shards(opts, clip_ids, bad, work, tok_dir, tok_hash, TextTokenizer, i
         "caption_len": int(text.max_len),
         "caption_vocab": opts.caption_vocab,
         "stride": opts.stride,
+        "hop": opts.hop or opts.stride,
         "future_offsets": future_offsets(opts.stride),
         "source": {
             "kind": source,
@@ -383,6 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, type=Path, help="output folder for the shards")
     p.add_argument("--stride", type=int, default=6, help="key-frame stride S (default 6)")
+    p.add_argument(
+        "--hop",
+        type=int,
+        default=None,
+        help="frames between key frames (default: the stride); 1 makes every frame a sample",
+    )
     p.add_argument(
         "--captioner", default="template", help="template | blip:PATH (local BLIP checkpoint)"
     )

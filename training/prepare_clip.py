@@ -1,6 +1,7 @@
 """One clip -> the samples `m2 prepare` stores (runs in the reader worker processes).
 
-Key frames t = 0, S, 2S, ... while t + S is inside the clip. For each: the letterboxed
+Key frames t = 0, H, 2H, ... while t + S is inside the clip (the hop H is S unless
+`--hop` says otherwise: H < S gives more, overlapping samples from the same frames). For each: the letterboxed
 frames t and t + S, the joints at t, at the six future offsets (t+1 ... t+6 for S = 6;
 spread over (t, t+S] otherwise, the last always at t + S), at t - 1 (for the constant
 velocity baseline; t itself at t = 0), the person's box at t, and one caption.
@@ -52,8 +53,8 @@ def future_offsets(stride: int) -> list[int]:
     return [max(1, round(k * stride / FUTURE_FRAMES)) for k in range(1, FUTURE_FRAMES + 1)]
 
 
-def key_frames(nframes: int, stride: int) -> list[int]:
-    return list(range(0, nframes - stride, stride))
+def key_frames(nframes: int, stride: int, hop: int | None = None) -> list[int]:
+    return list(range(0, nframes - stride, hop or stride))
 
 
 def _joints(clip: Any, i: int, lb: Any) -> np.ndarray:
@@ -75,15 +76,20 @@ def _box(clip: Any, i: int, lb: Any, joints: np.ndarray) -> np.ndarray:
     return np.concatenate([vis.min(0), vis.max(0)])
 
 
-def read_clip_samples(data: Path, clip_id: str, stride: int) -> dict[str, Any]:
-    """Everything one clip contributes, before tokenization (letterboxed frames included)."""
+def read_clip_samples(
+    data: Path, clip_id: str, stride: int, hop: int | None = None
+) -> dict[str, Any]:
+    """Everything one clip contributes, before tokenization: the letterboxed frames each
+    key frame needs (`images`, each frame once) and, per sample, which of them is frame t
+    (`image_now`) and frame t + S (`image_next`)."""
     from m2core.geometry import letterbox, load_image
     from m2core.tokenizers.pose import PoseTokenizer
     from training.penn_action import read_clip
 
     clip = read_clip(data, clip_id, captions=_captions_file(Path(data)) or {})
-    keys = key_frames(clip.nframes, stride)
-    frame_ids = [*keys, keys[-1] + stride] if keys else []
+    keys = key_frames(clip.nframes, stride, hop)
+    frame_ids = sorted({*keys, *(t + stride for t in keys)})
+    row = {f: i for i, f in enumerate(frame_ids)}
     frames, boxes = {}, {}
     for i in frame_ids:
         path = clip.frame_path(i)
@@ -116,6 +122,8 @@ def read_clip_samples(data: Path, clip_id: str, stride: int) -> dict[str, Any]:
         "images": np.stack([frames[i] for i in frame_ids])
         if n
         else np.zeros((0, 256, 256, 3), np.uint8),
+        "image_now": np.asarray([row[t] for t in keys], dtype=np.int64),
+        "image_next": np.asarray([row[t + stride] for t in keys], dtype=np.int64),
         "coords": pose.encode(np.stack(coords) if n else empty),
         "coords_next": pose.encode_future(
             np.stack(future) if n else np.zeros((0, FUTURE_FRAMES, NUM_JOINTS, 3))

@@ -1,11 +1,14 @@
 """`m2 synth`: render synthetic clips of a person moving, in the Penn Action layout.
 
-    m2 synth --out DIR --clips N --seed S [--workers W] [--frames MIN MAX]
+    m2 synth --out DIR --clips N --seed S [--workers W] [--frames MIN MAX] [--resume]
 
 writes `DIR/frames/NNNN/NNNNNN.jpg`, `DIR/labels/NNNN.mat` (Penn Action fields: x, y,
 visibility, action, pose, bbox, dimensions, nframes, train), `DIR/captions.json` (one
 caption per frame) and `DIR/synth.json` (generator version, seed, counts). Each clip is
-drawn from `(seed, clip index)` alone, so the output does not depend on `--workers`.
+drawn from `(seed, clip index)` alone, so the output does not depend on `--workers`, and
+`--resume` finishes an interrupted run or grows a data set (`--clips 1600` over an existing
+400): clips already written are kept, the rest rendered, and the result is the same as one
+uninterrupted run with the final `--clips`.
 
 Label conventions: x, y are continuous pixel coordinates of the written frame (the image
 spans [0, W] x [0, H]; pixel column k covers [k, k + 1)). Unlike Penn Action, invisible
@@ -114,6 +117,23 @@ def _job(root: str, seed: int, index: int, frames: tuple[int, int]) -> dict:
             "train": spec.train, "nframes": spec.nframes}  # fmt: skip
 
 
+def _known(root: str, seed: int, index: int, frames: tuple[int, int]) -> dict | None:
+    """The `_job` result of a clip already on disk (its spec is redrawn, not re-rendered),
+    or None when its label file or frames are missing or incomplete."""
+    spec = sample_spec(seed, index, frames)
+    cid = f"{index:04d}"
+    folder = Path(root) / "frames" / cid
+    if (
+        not (Path(root) / "labels" / f"{cid}.mat").is_file()
+        or not (folder / f"{spec.nframes:06d}.jpg").is_file()
+    ):
+        return None
+    n = spec.nframes
+    caps = [caption(spec.style, spec.motion.action, spec.motion.phase(float(i))) for i in range(n)]
+    return {"id": cid, "captions": caps, "action": spec.motion.action, "train": spec.train,
+            "nframes": n}  # fmt: skip
+
+
 def _write_json(path: Path, obj: object) -> None:
     tmp = path.with_name(f".tmp-{path.name}")
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
@@ -122,8 +142,11 @@ def _write_json(path: Path, obj: object) -> None:
 
 def generate(out: str | Path, clips: int, seed: int = 0, workers: int | None = None,
              frames: tuple[int, int] = (60, 120), overwrite: bool = False,
-             progress: bool = True) -> dict:  # fmt: skip
-    """Render clips 1..`clips` into `out`; returns what synth.json records."""
+             progress: bool = True, resume: bool = False) -> dict:  # fmt: skip
+    """Render clips 1..`clips` into `out`; returns what synth.json records. With `resume`,
+    clips of an earlier run with the same seed and frame range are kept."""
+    if overwrite and resume:
+        raise ValueError("--overwrite and --resume contradict each other; pass one")
     if not 1 <= clips <= MAX_CLIPS:
         raise ValueError(f"--clips must be between 1 and {MAX_CLIPS}, got {clips}")
     if not 1 <= frames[0] <= frames[1]:
@@ -134,25 +157,39 @@ def generate(out: str | Path, clips: int, seed: int = 0, workers: int | None = N
     existing = [
         p for p in ("frames", "labels", "captions.json", "synth.json") if (root / p).exists()
     ]
-    if existing and not overwrite:
+    if existing and not (overwrite or resume):
         raise ValueError(
-            f"--out {root} already holds {', '.join(existing)}; pass --overwrite to replace it"
+            f"--out {root} already holds {', '.join(existing)}; pass --overwrite to replace it "
+            "or --resume to keep its clips and render the missing ones"
         )
-    for name in existing:
+    if resume and (root / "synth.json").is_file():
+        old = json.loads((root / "synth.json").read_text())
+        if old.get("seed") != seed or list(old.get("frames_range", [])) != list(frames):
+            raise ValueError(
+                f"--resume: {root} was made with seed {old.get('seed')} and frames "
+                f"{old.get('frames_range')}, not seed {seed} and frames {list(frames)}"
+            )
+    for name in existing if overwrite else ():
         target = root / name
         shutil.rmtree(target) if target.is_dir() else target.unlink()
     (root / "frames").mkdir(parents=True, exist_ok=True)
     (root / "labels").mkdir(parents=True, exist_ok=True)
     workers = max(1, workers or os.cpu_count() or 1)
     results: list[dict] = []
-    bar = tqdm(total=clips, desc="synth", unit="clip", disable=not progress)
+    todo = list(range(1, clips + 1))
+    if resume:
+        known = [_known(str(root), seed, i, frames) for i in todo]
+        results = [r for r in known if r is not None]
+        todo = [i for i, r in zip(todo, known, strict=True) if r is None]
+    bar = tqdm(total=clips, initial=clips - len(todo), desc="synth", unit="clip",
+               disable=not progress)  # fmt: skip
     if workers == 1:
-        for i in range(1, clips + 1):
+        for i in todo:
             results.append(_job(str(root), seed, i, frames))
             bar.update()
     else:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(_job, str(root), seed, i, frames) for i in range(1, clips + 1)]
+            futures = [pool.submit(_job, str(root), seed, i, frames) for i in todo]
             for fut in as_completed(futures):
                 results.append(fut.result())
                 bar.update()
@@ -179,6 +216,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, nargs=2, default=(60, 120), metavar=("MIN", "MAX"),
                    help="clip length range in frames, inclusive (default 60 120)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing data set in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the clips already in --out (same seed and frames) and render the "
+                   "rest: finishes an interrupted run or grows a data set")  # fmt: skip
     return p
 
 
@@ -194,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         summary = generate(args.out, args.clips, args.seed, args.workers, tuple(args.frames),
-                           overwrite=args.overwrite)  # fmt: skip
+                           overwrite=args.overwrite, resume=args.resume)  # fmt: skip
     except (ValueError, OSError) as e:
         print(f"m2 synth: error: {e}", file=sys.stderr)
         return 2

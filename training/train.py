@@ -40,11 +40,13 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from training import train_state as ts
 from training.config import (
     TrainConfig,
+    fit_to_time,
     format_duration,
     lr_at,
     make_config,
     make_plan,
     masking_config,
+    with_total_steps,
 )
 from training.data import MaskedDataset, Shards, StepSampler, load_meta
 from training.export import export_serving_checkpoint, peak_flops
@@ -113,6 +115,7 @@ def train(
     from m2core.masking import collate, mask_sample
     from m2core.model import M2Config, M2Model
 
+    t_start = time.perf_counter()  # time_budget counts from here
     cfg = make_config(config, overrides)
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
@@ -169,6 +172,9 @@ def train(
                 f"{plan.tokens_per_step:,} (batch_size x processes x grad_accum x tokens/sample must match)"
             )
         step, history = int(state["step"]), state.get("metrics", {})
+        if state.get("fitted"):  # a time-budgeted run keeps the schedule it chose
+            cfg = with_total_steps(cfg, plan, state["fitted"]["total_steps"])
+            plan = make_plan(cfg, plan.devices)
         if main:
             log.info("resumed from %s at step %d", resume_from, step)
     model, optimizer = acc.prepare(model, optimizer)
@@ -210,6 +216,7 @@ def train(
                 "data_position": step_ * plan.global_batch, "config": cfg.to_dict(),
                 "scheduler": {"kind": "linear warmup + cosine, in tokens", "lr": lr_at(cfg, step_ * plan.tokens_per_step)},
                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None, "metrics": history,
+                "fitted": fitted,
             }  # fmt: skip
             ts.clean_stale(ckpt_root)
             ts.save_training_state(ckpt_root, step_, acc.unwrap_model(model), optimizer.optimizer,
@@ -241,8 +248,38 @@ def train(
     window = {"t0": time.perf_counter(), "steps": 0, "wait": 0.0, "loss": [], "mods": {}}
     speed: list[float] = []
     total_wait = total_time = 0.0
+    # time_budget: measure steps/s between step `first + 3` and the end of calibration
+    fitted = state.get("fitted") if resume_from is not None else None
+    first, mark = step, None
+    calibrate_s = min(max(2.0, 0.05 * cfg.time_budget * 60), 60.0)
     with logging_redirect_tqdm():
         while step < stop_at:
+            if cfg.time_budget and fitted is None:
+                now = time.perf_counter()
+                if step == first + 3:
+                    mark = (step, now)
+                elif mark is not None and now - mark[1] >= calibrate_s and step - mark[0] >= 5:
+                    rate = (step - mark[0]) / (now - mark[1])
+                    # leave room for the last evaluation, checkpoint and export
+                    left = (
+                        cfg.time_budget * 60
+                        - (now - t_start)
+                        - (3.0 + 0.04 * cfg.time_budget * 60)
+                    )
+                    new = fit_to_time(cfg, plan, step, rate, left)
+                    total = torch.tensor(
+                        [make_plan(new, acc.num_processes).total_steps], device=acc.device
+                    )
+                    total = int(acc.gather(total).min())  # every process agrees
+                    cfg = with_total_steps(cfg, plan, total)
+                    plan = make_plan(cfg, acc.num_processes)
+                    stop_at = min(plan.total_steps, cfg.stop_after_steps or plan.total_steps)
+                    fitted = {"total_steps": plan.total_steps, "steps_per_s": rate}
+                    bar.total = plan.total_steps
+                    if main:
+                        log.info("time_budget %.1f min: %.2f steps/s, so %s steps (%s tokens)",
+                                 cfg.time_budget, rate, f"{plan.total_steps:,}",
+                                 f"{plan.total_steps * plan.tokens_per_step:,}")  # fmt: skip
             t_step = time.perf_counter()
             lr = lr_at(cfg, (step + 1) * plan.tokens_per_step)
             for g in optimizer.param_groups:

@@ -241,3 +241,27 @@ def test_blip_captioner_from_a_local_checkpoint(synth, tokenizer, tmp_path):
     want = BlipCaptioner(blip, max_new_tokens=8)(frame[None])[0]
     got = TextTokenizer.load(out).decode(np.asarray(arrs["captions"][0], np.int64))
     assert got and want.startswith(got)  # the stored caption is BLIP's (cut to caption_len)
+
+
+def test_hop_makes_overlapping_samples_from_each_frame_once(synth, tokenizer, tmp_path):
+    """--hop 2 with stride 6: key frames 0, 2, 4, ... each paired with t + 6, the same
+    tokens as the default layout where the two share a frame."""
+    out = prepare(PrepareOptions(synth, tokenizer, tmp_path / "h", hop=2, workers=0,
+                                 val_fraction=0.25))  # fmt: skip
+    assert out["hop"] == 2 and out["stride"] == 6
+    arrs = _arrays(tmp_path / "h", "train")
+    meta = json.loads((tmp_path / "h" / "meta.json").read_text())
+    first = np.flatnonzero(arrs["clip"] == arrs["clip"][0])
+    clip = read_clip(synth, meta["clip_ids"][int(arrs["clip"][0])])
+    assert (
+        list(arrs["frame"][first])
+        == key_frames(clip.nframes, 6, 2)
+        == list(range(0, clip.nframes - 6, 2))
+    )
+    # the sample at t = 0 pairs frame 0 with frame 6, which is also the sample t = 6's now
+    k0, k6 = first[0], first[3]
+    assert arrs["frame"][k6] == 6
+    assert np.array_equal(arrs["tok_rgb_next"][k0], arrs["tok_rgb"][k6])
+    tok = ImageTokenizer.from_pretrained(tmp_path / "h" / "image_tokenizer")
+    frame, _ = letterbox(load_image(clip.frame_path(2)))
+    assert np.array_equal(tok.encode(frame[None]).reshape(256).numpy(), arrs["tok_rgb"][first[1]])

@@ -210,3 +210,23 @@ def test_contact_sheet(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     capsys.readouterr()
     assert contact_sheet.main(["--data", str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert capsys.readouterr().err.startswith("m2 contact-sheet: error:")
+
+
+def test_resume_grows_a_data_set_to_what_one_run_gives(data: Path, tmp_path: Path) -> None:
+    """--resume keeps the clips already written and renders the rest; the result reads as
+    one uninterrupted run with the final --clips (labels compared by value: .mat headers
+    carry a time stamp)."""
+    grown = tmp_path / "grown"
+    generate(grown, clips=1, seed=11, workers=1, frames=FRAMES, progress=False)
+    kept = (grown / "frames/0001/000001.jpg").stat().st_mtime_ns
+    generate(grown, clips=3, seed=11, workers=2, frames=FRAMES, progress=False, resume=True)
+    assert (grown / "frames/0001/000001.jpg").stat().st_mtime_ns == kept  # not re-rendered
+    a, b = _files(data), _files(grown)
+    assert a.keys() == b.keys()
+    for k in [k for k in a if not k.endswith(".mat")]:
+        assert a[k] == b[k], k
+    for cid, fields in _labels(data).items():
+        for field, value in fields.items():
+            np.testing.assert_array_equal(np.asarray(value), np.asarray(_labels(grown)[cid][field]))
+    with pytest.raises(ValueError, match="seed 11"):
+        generate(grown, clips=4, seed=12, workers=1, frames=FRAMES, progress=False, resume=True)

@@ -163,3 +163,40 @@ def test_script_prints_the_plan_of_m2_base(tmp_path):
     )
     assert proc.returncode == 2  # no prepared data there, after printing the plan
     assert "38,147 steps (3,815 warmup)" in proc.stderr and "131,072 tokens/step" in proc.stderr
+
+
+def test_time_budget_cuts_the_run_and_still_exports(prepared, tmp_path):
+    """10M tokens would take minutes; a 0.25-minute budget re-plans the run after a short
+    calibration, decays the lr to min_lr by the new end and exports as usual."""
+    import time
+
+    t0 = time.perf_counter()
+    cfg = {**TINY, "data_dir": str(prepared), "output_dir": str(tmp_path / "t"),
+           "total_tokens": 10, "warmup_tokens": "2K", "eval_interval": 0, "checkpoint_interval": 0,
+           "time_budget": 0.25, "log_interval": 5}  # fmt: skip
+    res = train(cfg)
+    took = time.perf_counter() - t0
+    assert res.final_dir is not None and (res.final_dir / "model.safetensors").is_file()
+    assert 5 < res.step < 10_000_000 // (4 * 64) and took < 60
+    state = json.loads(
+        (ts.latest_checkpoint(tmp_path / "t" / "checkpoints") / ts.STATE_FILE).read_text()
+    )
+    assert state["fitted"]["total_steps"] == res.step
+    assert state["config"]["total_tokens"] == pytest.approx(res.step * 4 * 64 / 1e6)
+    rows = [
+        json.loads(r) for r in (tmp_path / "t" / "logs" / "metrics.jsonl").read_text().splitlines()
+    ]
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    assert lrs[-1] == pytest.approx(1e-6) and max(lrs) > 1e-3  # warmed up, then decayed to min_lr
+
+
+def test_fit_to_time_never_raises_the_total_and_shrinks_warmup():
+    from training.config import fit_to_time, make_config, make_plan
+
+    cfg = make_config({**TINY, "data_dir": "x", "total_tokens": 1, "warmup_tokens": "100K"})
+    plan = make_plan(cfg, 1)  # 256 tokens per step
+    short = fit_to_time(cfg, plan, step=10, steps_per_s=2.0, seconds_left=20)
+    assert make_plan(short, 1).total_steps == 50
+    assert short.warmup_tokens == pytest.approx(50 * 256 / 1e6 / 10)  # a tenth of the new total
+    assert fit_to_time(cfg, plan, 10, 1e6, 1e6).total_tokens == cfg.total_tokens  # never raised
+    assert make_plan(fit_to_time(cfg, plan, 10, 2.0, -5), 1).total_steps == 11  # at least one more
