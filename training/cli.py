@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenize-image": ("training.tokenize_image", "round-trip an image through the tokenizer"),
     "prepare": ("training.prepare", "raw clips -> token shards"),
     "train": ("training.train", "train M2 (same as accelerate launch training/train.py)"),
+    "export": ("training.export", "serving checkpoint from a training checkpoint"),
     "eval": ("training.evaluate", "evaluate a checkpoint against baselines"),
     "serve": ("service.cli", "serve a checkpoint over HTTP"),
     "predict": ("service.predict_cli", "predict from one frame, locally or via a server"),

@@ -80,6 +80,7 @@ class TrainConfig:
     # speed and cuts total_tokens (an upper bound then) so that training, the last
     # evaluation and the export end within the budget; the lr schedule follows the new total.
     time_budget: float = 0.0
+    export: bool = True  # write output_dir/final/ at the end (false: `m2 export` it later)
     log_interval: int = 10  # steps between log lines / tracker rows
     num_workers: int = 2  # DataLoader workers per process
     plan_devices: int | None = None  # device count the printed plan assumes
@@ -153,11 +154,19 @@ def make_plan(cfg: TrainConfig, devices: int) -> Plan:
 
 
 def fit_to_time(
-    cfg: TrainConfig, plan: Plan, step: int, steps_per_s: float, seconds_left: float
+    cfg: TrainConfig,
+    plan: Plan,
+    step: int,
+    steps_per_s: float,
+    seconds_left: float,
+    eval_s: float = 0.0,
 ) -> TrainConfig:
-    """`cfg` with total_tokens cut so the remaining steps take at most `seconds_left` at
-    `steps_per_s` (never raised, never below the current step + 1)."""
-    return with_total_steps(cfg, plan, step + max(1, int(steps_per_s * max(seconds_left, 0.0))))
+    """`cfg` with total_tokens cut so the remaining steps, at `steps_per_s`, and the
+    evaluations they include (every `plan.eval_every` steps and one at the end, `eval_s`
+    each) take at most `seconds_left`. Never raised, never below the current step + 1."""
+    per_step = 1.0 / steps_per_s + (eval_s / plan.eval_every if plan.eval_every else 0.0)
+    more = int(max(seconds_left - eval_s, 0.0) / per_step)
+    return with_total_steps(cfg, plan, step + max(1, more))
 
 
 def with_total_steps(cfg: TrainConfig, plan: Plan, steps: int) -> TrainConfig:

@@ -3,10 +3,17 @@
 `export_serving_checkpoint` writes model + image tokenizer + text tokenizer + MODEL_CARD.md
 through `m2core.checkpoint.save_checkpoint`, which assembles a temporary sibling directory
 and swaps it in, so `output_dir/final/` is either the previous export or the new one.
+
+`m2 export` does the same from a training checkpoint, for a run that stopped early or was
+trained where the tokenizers could not be packed (weights stored in any float dtype):
+
+    m2 export --from runs/m2-tiny/checkpoints/step-00001429 --data data/prepared --out DIR
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -97,3 +104,59 @@ def export_serving_checkpoint(
     # save_checkpoint builds the directory beside `final` and swaps it in (atomic).
     return save_checkpoint(final, model, image_tokenizer=image_tok, text_tokenizer=text_tok,
                            extra=extra, model_card=model_card(cfg, meta, val, run))  # fmt: skip
+
+
+def export_training_checkpoint(path: Path, out: Path, data_dir: Path | None = None) -> Path:
+    """A training checkpoint (`state.json` + `model.safetensors`) -> serving checkpoint."""
+    from safetensors.torch import load_file
+
+    from m2core.model import M2Config, M2Model
+    from training.config import make_config
+    from training.data import load_meta
+    from training.train_state import STATE_FILE
+
+    state_file = path / STATE_FILE
+    if not state_file.is_file() or not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"{path}: not a training checkpoint (needs {STATE_FILE} and model.safetensors)"
+        )
+    state = json.loads(state_file.read_text())
+    config = dict(state["config"])
+    if data_dir is not None:
+        config["data_dir"] = str(data_dir)
+    cfg = make_config(config)
+    meta = load_meta(cfg.data_dir)
+    mcfg = M2Config.from_preset(
+        cfg.model_preset,
+        **{"image_vocab": meta["image_vocab"], "text_vocab": meta["text_vocab"], "caption_len": meta["caption_len"],
+           "input_tokens": cfg.input_tokens, "target_tokens": cfg.target_tokens, **cfg.model},
+    )  # fmt: skip
+    model = M2Model(mcfg)
+    weights = {
+        k: v.float() if v.is_floating_point() else v
+        for k, v in load_file(str(path / "model.safetensors")).items()
+    }
+    model.load_state_dict(weights, strict=True)
+    history = state.get("metrics", {})
+    last = history[max(history, key=int)] if history else {}
+    val = {k.removeprefix("val/"): v for k, v in last.items() if k.startswith("val/")}
+    run = {"train_loss": None, "steps": state["step"], "tokens": state.get("tokens"),
+           "processes": 1, "exported_from": str(path)}  # fmt: skip
+    return export_serving_checkpoint(out, model, cfg, meta, val, run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="m2 export", description="Serving checkpoint from a training checkpoint."
+    )
+    p.add_argument("--from", dest="src", required=True, type=Path, help="checkpoints/step-N dir")
+    p.add_argument("--out", required=True, type=Path, help="serving checkpoint dir to write")
+    p.add_argument("--data", type=Path, default=None, help="prepared data dir (default: the run's)")
+    args = p.parse_args(argv)
+    try:
+        final = export_training_checkpoint(args.src, args.out, args.data)
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
+        print(f"m2 export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {args.src} -> {final}")
+    return 0

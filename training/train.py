@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -67,6 +68,7 @@ class TrainResult:
     val: dict[str, float] = field(default_factory=dict)  # last validation CE per modality
     tokens_per_s: float = 0.0
     data_wait_share: float = 0.0
+    finished: bool = False  # the token budget is spent (final_dir is None only with export=false)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -207,6 +209,7 @@ def train(
     peak = cfg.peak_flops or peak_flops(acc.device, cfg.dtype, cfg.tf32)
     stop_at = min(plan.total_steps, cfg.stop_after_steps or plan.total_steps)
     result = TrainResult(out, None, step, step * plan.tokens_per_step)
+    eval_took = 0.0  # seconds the last validation pass took (time_budget counts them in)
 
     def save(step_: int) -> None:
         rng_t = _rng_tensors(acc)
@@ -224,9 +227,12 @@ def train(
         acc.wait_for_everyone()
 
     def run_eval(step_: int) -> None:
+        nonlocal eval_took
         if val_shards is None:
             return
+        t0 = time.perf_counter()
         ce = evaluate_ce(acc, model, val_shards, mask_fn, cfg)
+        eval_took = time.perf_counter() - t0
         result.val = ce
         history[str(step_)] = {f"val/{k}": v for k, v in ce.items()}
         acc.log({f"val/ce_{k}": v for k, v in ce.items()}, step=step_)
@@ -260,13 +266,17 @@ def train(
                     mark = (step, now)
                 elif mark is not None and now - mark[1] >= calibrate_s and step - mark[0] >= 5:
                     rate = (step - mark[0]) / (now - mark[1])
-                    # leave room for the last evaluation, checkpoint and export
-                    left = (
-                        cfg.time_budget * 60
-                        - (now - t_start)
-                        - (3.0 + 0.04 * cfg.time_budget * 60)
+                    # evaluations: as measured, else about a third of a step per batch
+                    eval_s = (
+                        0.0
+                        if val_shards is None
+                        else eval_took or (math.ceil(cfg.eval_samples / cfg.batch_size) / rate / 3)
                     )
-                    new = fit_to_time(cfg, plan, step, rate, left)
+                    # leave room for the last checkpoint and the export
+                    left = (
+                        cfg.time_budget * 60 - (now - t_start) - (3.0 + 0.03 * cfg.time_budget * 60)
+                    )
+                    new = fit_to_time(cfg, plan, step, rate, left, eval_s)
                     total = torch.tensor(
                         [make_plan(new, acc.num_processes).total_steps], device=acc.device
                     )
@@ -352,7 +362,8 @@ def train(
     if step >= plan.total_steps:
         run_eval(step)
     save(step)
-    if step >= plan.total_steps:
+    result.finished = step >= plan.total_steps
+    if result.finished and cfg.export:
         if main:
             result.final_dir = export_serving_checkpoint(
                 out / "final", acc.unwrap_model(model), cfg, meta, result.val,
@@ -393,11 +404,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"m2 train: error: {e}", file=sys.stderr)
         return 2
     if _is_main():
-        where = (
-            f"serving checkpoint {res.final_dir}"
-            if res.final_dir
-            else f"stopped at step {res.step} (resume=auto continues)"
-        )
+        latest = ts.latest_checkpoint(res.output_dir / "checkpoints")
+        if res.final_dir:
+            where = f"serving checkpoint {res.final_dir}"
+        elif res.finished:
+            where = f"no serving checkpoint (export=false): m2 export --from {latest} --out DIR"
+        else:
+            where = f"stopped at step {res.step} (resume=auto continues)"
         print(f"trained {res.tokens:,} tokens in {res.step} steps; {where}")
     return 0
 

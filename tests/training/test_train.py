@@ -200,3 +200,31 @@ def test_fit_to_time_never_raises_the_total_and_shrinks_warmup():
     assert short.warmup_tokens == pytest.approx(50 * 256 / 1e6 / 10)  # a tenth of the new total
     assert fit_to_time(cfg, plan, 10, 1e6, 1e6).total_tokens == cfg.total_tokens  # never raised
     assert make_plan(fit_to_time(cfg, plan, 10, 2.0, -5), 1).total_steps == 11  # at least one more
+
+
+def test_export_false_then_m2_export_gives_the_same_serving_model(prepared, tmp_path, capsys):
+    """A run with export=false leaves only training checkpoints; `m2 export --from` turns
+    the last one (here stored in fp16, as a GPU box may send it back) into a serving
+    checkpoint that loads and predicts like the model it came from."""
+    from safetensors.torch import load_file, save_file
+
+    from m2core.checkpoint import load_checkpoint
+    from training.export import main as export_main
+
+    cfg = {**TINY, "data_dir": str(prepared), "output_dir": str(tmp_path / "e"), "export": False}
+    res = train(cfg)
+    assert res.finished and res.final_dir is None and not (tmp_path / "e" / "final").exists()
+    last = ts.latest_checkpoint(tmp_path / "e" / "checkpoints")
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / ts.STATE_FILE).write_text((last / ts.STATE_FILE).read_text())
+    weights = load_file(str(last / "model.safetensors"))
+    save_file({k: v.half() for k, v in weights.items()}, str(half / "model.safetensors"))
+    assert export_main(["--from", str(half), "--out", str(tmp_path / "served")]) == 0
+    bundle = load_checkpoint(tmp_path / "served")
+    got = bundle.model.state_dict()
+    for k, v in weights.items():
+        assert torch.allclose(got[k], v.half().float()), k
+    assert "Validation cross-entropy" in (tmp_path / "served" / "MODEL_CARD.md").read_text()
+    assert export_main(["--from", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+    assert "not a training checkpoint" in capsys.readouterr().err
