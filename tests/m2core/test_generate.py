@@ -1,6 +1,7 @@
 """Chained generation: caption decoding vs teacher forcing, KV cache, MaskGIT, seeds."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -154,11 +155,14 @@ def test_bad_inputs_are_refused(model):
 def test_present_prior_makes_an_untrained_model_start_from_zero_velocity():
     """The future's queries carry the present tokens and get a bonus on them: before any
     training the forecast is (within the copy bump) the present skeleton and frame, so
-    learning starts from the zero-velocity baseline instead of noise."""
+    learning starts from the zero-velocity baseline instead of noise. (The most likely bin:
+    an untrained model's flat tail over 8,192 bins holds most of the mass, so the median
+    estimate of a trained model's forecast is no guide here.)"""
     torch.manual_seed(1)
     fresh = M2Model(CFG).eval()
     rgb, coords = _inputs(B=2, seed=3)
-    out = generate(fresh, {"tok_rgb": rgb, "coords": coords}, GenerationConfig(temperature=0.0))
+    mode = GenerationConfig(temperature=0.0, future_pose_median=False)
+    out = generate(fresh, {"tok_rgb": rgb, "coords": coords}, mode)
     now = coords.repeat(1, 6)
     xy = torch.ones(234, dtype=torch.bool)
     xy[2::3] = False
@@ -166,5 +170,26 @@ def test_present_prior_makes_an_untrained_model_start_from_zero_velocity():
     assert torch.equal(out.coords_next[:, 0][:, ~xy], now[:, ~xy])  # visibility copied
     assert (out.tok_rgb_next[:, 0] == rgb).float().mean() > 0.9
     off = M2Model(dataclasses.replace(CFG, present_prior=False)).eval()
-    out_off = generate(off, {"tok_rgb": rgb, "coords": coords}, GenerationConfig(temperature=0.0))
+    out_off = generate(off, {"tok_rgb": rgb, "coords": coords}, mode)
     assert (out_off.tok_rgb_next[:, 0] == rgb).float().mean() < 0.2
+
+
+def test_median_bins_stay_between_two_modes_and_keep_flags():
+    """The median is the bin where the cumulative mass crosses one half: between two
+    point-like modes it is the one holding the middle of the mass, over a flat stretch its
+    centre; a flag position keeps its id."""
+    from m2core.generate import median_bins
+
+    logits = torch.full((2, POSE_BINS + 2), float("-inf"))
+    logits[0, :POSE_BINS] = -30.0
+    logits[0, 1000], logits[0, 1200] = 0.0, math.log(1.5)
+    logits[1, POSE_BINS + 1] = 0.0  # a visibility flag position
+    ids = logits.argmax(-1)
+    assert ids.tolist() == [1200, POSE_BINS + 1]
+    out = median_bins(logits, ids)
+    assert out[0] == 1200 and out[1] == POSE_BINS + 1
+    logits[0, 1000] = math.log(1.5) + 0.01  # now the lower mode holds just over half
+    assert median_bins(logits, logits.argmax(-1))[0] == 1000
+    wide = torch.full((1, POSE_BINS + 2), float("-inf"))
+    wide[0, 990:1011] = 0.0  # flat over 21 bins: the middle one
+    assert median_bins(wide, wide.argmax(-1))[0] == 1000
