@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce checkpoints/m2-demo end to end with the repo's own commands.
 #   WORK=data/demo bash scripts/make_demo.sh            # model trained on this machine's CPU
-#   WORK=data/demo GPU_MINUTES=7 bash scripts/make_demo.sh   # on one GPU, for that long
+#   WORK=data/demo GPU_MINUTES=3.2 bash scripts/make_demo.sh  # on one GPU, for that long
 # The bundled checkpoint was trained on one H100 (checkpoints/m2-demo/MODEL_CARD.md has the
 # times of every stage); on a 2-core CPU the same steps give a far weaker model in an hour.
 set -euo pipefail
@@ -31,13 +31,14 @@ stage "m2 synth (400 clips)" 1 m2 synth --out "$WORK/synth" --clips 400 --seed 0
 stage "m2 train-tokenizer (1500 steps)" 1 m2 train-tokenizer --data "$WORK/synth" --out "$WORK/tokenizer" \
   --config configs/tokenizer.yaml steps=1500
 stage "m2 synth (to $CLIPS clips)" 1 m2 synth --out "$WORK/synth" --clips "$CLIPS" --seed 0 --workers 2 --resume
-stage "m2 prepare (hop 2)" 1 m2 prepare --data "$WORK/synth" --tokenizer "$WORK/tokenizer" --out "$WORK/prepared" \
-  --workers 2 --hop 2
+stage "m2 prepare (hop 3)" 1 m2 prepare --data "$WORK/synth" --tokenizer "$WORK/tokenizer" --out "$WORK/prepared" \
+  --workers 2 --hop 3
 if [ -n "${GPU_MINUTES:-}" ]; then  # bf16 on the GPU, batch 512, sized to the minutes given
   stage "accelerate launch training/train.py (GPU, ${GPU_MINUTES} min)" 1 accelerate launch --num_processes 1 \
     --num_machines 1 --mixed_precision bf16 --dynamo_backend no training/train.py --config configs/m2-tiny.yaml \
     data_dir="$WORK/prepared" output_dir="$WORK/run" cpu=false dtype=bf16 tf32=true num_workers=12 \
-    batch_size=512 total_tokens=20000 warmup_tokens=30 time_budget="$GPU_MINUTES" eval_interval=40 eval_samples=1024
+    batch_size=512 lr=1e-3 total_tokens=20000 warmup_tokens=30 time_budget="$GPU_MINUTES" eval_interval=40 \
+    eval_samples=1024 checkpoint_interval=100 keep_checkpoints=2
 else
   stage "accelerate launch training/train.py (CPU)" 2 accelerate launch --cpu --num_processes 1 \
     --num_machines 1 --mixed_precision no --dynamo_backend no training/train.py --config configs/m2-tiny.yaml \

@@ -54,6 +54,32 @@ def _gain_table(cn: dict) -> str:
     return "\n".join(rows)
 
 
+def train_command(tcfg: dict) -> str:
+    """The accelerate command line that the run's stored config corresponds to."""
+    if tcfg.get("cpu", True):
+        return ("accelerate launch --cpu --num_processes 1 training/train.py --config configs/m2-tiny.yaml \\\n"
+                "    data_dir=data/demo/prepared output_dir=data/demo/run")  # fmt: skip
+    keys = ("cpu", "dtype", "tf32", "num_workers", "batch_size", "lr", "total_tokens", "warmup_tokens",
+            "eval_interval", "eval_samples")  # fmt: skip
+
+    def show(v: object) -> str:
+        return (
+            str(v).lower()
+            if isinstance(v, bool)
+            else f"{v:.6g}"
+            if isinstance(v, float)
+            else str(v)
+        )
+
+    args = " ".join(f"{k}={show(tcfg[k])}" for k in keys if k in tcfg)
+    # a time-budgeted run stores the token counts it re-planned to: they give the same
+    # schedule on any machine, however fast
+    budget = (f"  # as run: time_budget={tcfg['time_budget']} chose these token counts\n"
+              if tcfg.get("time_budget") else "")  # fmt: skip
+    return (f"{budget}accelerate launch --num_processes 1 --mixed_precision bf16 training/train.py \\\n"
+            f"    --config configs/m2-tiny.yaml data_dir=data/demo/prepared output_dir=data/demo/run \\\n    {args}")  # fmt: skip
+
+
 def card(ckpt: Path, work: Path, history: str = "") -> str:
     report = _read(work / "eval" / "report.json")
     tok = _read(work / "tokenizer" / "metrics.json")["held_out"]
@@ -65,6 +91,8 @@ def card(ckpt: Path, work: Path, history: str = "") -> str:
     cn, zv = report["coords_next"], report["coords_next"]["zero_velocity"]
     size = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
     counts = ", ".join(f"{s} {c['samples']} samples / {c['clips']} clips" for s, c in meta["counts"].items())  # fmt: skip
+    tcfg = config.get("extra", {}).get("training", {}).get("config", {})
+    train_cmd = train_command(tcfg)
     stage = "\n".join(f"| {k} | {v / 60:.1f} min |" for k, v in times.items() if k != "machine")
     return f"""# M2 demo checkpoint (`m2-tiny`)
 
@@ -81,9 +109,9 @@ Every step is a command of this repo; `bash scripts/make_demo.sh` runs them all:
 ```
 m2 synth --out data/demo/synth --clips 400 --seed 0 --workers 2
 m2 train-tokenizer --data data/demo/synth --out data/demo/tokenizer --config configs/tokenizer.yaml steps=1500
-m2 prepare --data data/demo/synth --tokenizer data/demo/tokenizer --out data/demo/prepared
-accelerate launch --cpu --num_processes 1 training/train.py --config configs/m2-tiny.yaml \\
-    data_dir=data/demo/prepared output_dir=data/demo/run
+m2 synth --out data/demo/synth --clips {meta["source"].get("synth", {}).get("clips", "?")} --seed 0 --workers 2 --resume
+m2 prepare --data data/demo/synth --tokenizer data/demo/tokenizer --out data/demo/prepared --hop {meta.get("hop", meta["stride"])}
+{train_cmd}
 python scripts/pack_checkpoint.py data/demo/run/final checkpoints/m2-demo --dtype float16
 m2 eval --checkpoint checkpoints/m2-demo --data data/demo/prepared --out data/demo/eval --split test --samples 256
 ```
@@ -95,11 +123,12 @@ Machine: {times.get("machine", platform.processor() or platform.machine())}.
 {stage}
 
 Data: {meta["source"].get("synth", {}).get("clips", "?")} synthetic clips (10 actions), split by
-clip: {counts}. Key-frame stride {meta["stride"]}; captions from the synthetic side file;
+clip: {counts}. Key-frame stride {meta["stride"]}, a key frame every {meta.get("hop", meta["stride"])} frames; captions from the synthetic side file;
 caption vocabulary {meta["text_vocab"]} ids (compact GPT-2 BPE), image vocabulary {meta["image_vocab"]}.
 
-Training: {_last(rows, "tokens") / 1e6:.1f}M tokens ({_last(rows, "step")} steps of 16 x 256),
+Training: {_last(rows, "tokens") / 1e6:.1f}M tokens ({_last(rows, "step")} steps of {tcfg["batch_size"]} samples x {tcfg["num_tokens_per_sample"]} tokens),
 final training loss {_last(rows, "train/loss"):.3f}, validation CE (masked, mean) {_last(rows, "val/ce_mean") or float("nan"):.3f}.
+
 {history}
 
 ## Evaluation on held-out clips (`m2 eval`, test split: clips never seen in training)

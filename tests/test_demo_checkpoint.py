@@ -80,16 +80,23 @@ def test_predict_on_held_out_frames_answers_in_the_upload_frame(client):
         assert body["caption"].strip() and body["model_version"]
 
 
+@pytest.fixture(scope="module")
+def held_out(client) -> list:
+    return _predict_held_out(client)[0]
+
+
+def test_predict_on_held_out_frames_finds_the_figure(held_out):
+    hits, total = sum(s[0] for s in held_out), sum(s[1] for s in held_out)
+    assert hits / total > PCK_BAR, f"PCK@0.2 {hits / total:.2f} on held-out frames"
+
+
 @pytest.mark.xfail(
     strict=True,
-    reason="the demo model (4M tokens on a 2-core CPU) has not learned to find the figure "
-    "or name the action yet: issue 7 stays open (see the model card)",
+    reason="the demo model names the action for few held-out frames: it memorises the "
+    "captions of its training clips (issue 7 stays open; see the model card)",
 )
-def test_predict_on_held_out_frames_finds_the_figure_and_names_the_action(client):
-    stats, _ = _predict_held_out(client)
-    hits, total = sum(s[0] for s in stats), sum(s[1] for s in stats)
-    named = sum(s[2] for s in stats)
-    assert hits / total > PCK_BAR, f"PCK@0.2 {hits / total:.2f} on held-out frames"
+def test_predict_on_held_out_frames_names_the_action(held_out):
+    named = sum(s[2] for s in held_out)
     assert named / len(ACTIONS) >= ACTION_BAR, f"caption named the action {named}/{len(ACTIONS)}"
 
 
