@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import signal
 import sys
 
 # command -> (module, one-line help)
@@ -45,8 +46,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"m2: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # SIGTERM (kill, a scheduler's stop) unwinds like Ctrl-C: worker pools are shut down
+    # and temporary files removed instead of orphaned worker processes left running
+    signal.signal(signal.SIGTERM, _terminate)
     module = importlib.import_module(COMMANDS[command][0])
     return int(module.main(rest) or 0)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

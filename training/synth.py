@@ -190,9 +190,14 @@ def generate(out: str | Path, clips: int, seed: int = 0, workers: int | None = N
     else:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             futures = [pool.submit(_job, str(root), seed, i, frames) for i in todo]
-            for fut in as_completed(futures):
-                results.append(fut.result())
-                bar.update()
+            try:
+                for fut in as_completed(futures):
+                    results.append(fut.result())
+                    bar.update()
+            except BaseException:  # Ctrl-C / SIGTERM: drop the queue, let workers finish
+                for fut in futures:
+                    fut.cancel()
+                raise
     bar.close()
     results.sort(key=lambda r: r["id"])
     _write_json(root / "captions.json", {r["id"]: r["captions"] for r in results})

@@ -230,3 +230,46 @@ def test_resume_grows_a_data_set_to_what_one_run_gives(data: Path, tmp_path: Pat
             np.testing.assert_array_equal(np.asarray(value), np.asarray(_labels(grown)[cid][field]))
     with pytest.raises(ValueError, match="seed 11"):
         generate(grown, clips=4, seed=12, workers=1, frames=FRAMES, progress=False, resume=True)
+
+
+def _children(pid: int) -> set[int]:
+    kids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.add(int(stat.parent.name))
+    return kids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_sigterm_stops_the_workers_too(tmp_path: Path) -> None:
+    """`kill` on a running `m2 synth` ends it and its worker processes (nothing orphaned
+    keeps rendering), and no half-written clip is left looking complete."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "training.cli", "synth", "--out", str(tmp_path / "s"),
+         "--clips", "400", "--workers", "2", "--frames", "30", "40"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "s" / "labels").is_dir() or not list(
+        (tmp_path / "s" / "labels").glob("*.mat")
+    ):
+        assert proc.poll() is None and time.monotonic() < deadline, "synth did not start"
+        time.sleep(0.1)
+    workers = _children(proc.pid)
+    assert workers, "no worker processes seen"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    time.sleep(1.0)
+    alive = [w for w in workers if Path(f"/proc/{w}").exists()]
+    assert not alive, f"workers {alive} outlived the command"
+    assert len(list((tmp_path / "s" / "frames").glob("[0-9]*"))) < 400
+    assert not (tmp_path / "s" / "synth.json").exists()
