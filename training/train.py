@@ -40,6 +40,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from training import train_state as ts
 from training.config import (
+    Plan,
     TrainConfig,
     fit_to_time,
     format_duration,
@@ -254,42 +255,26 @@ def train(
     window = {"t0": time.perf_counter(), "steps": 0, "wait": 0.0, "loss": [], "mods": {}}
     speed: list[float] = []
     total_wait = total_time = 0.0
-    # time_budget: measure steps/s between step `first + 3` and the end of calibration
+    # time_budget: measure steps/s from step `first + 3` until calibration ends (_fit_budget)
     fitted = state.get("fitted") if resume_from is not None else None
     first, mark = step, None
-    calibrate_s = min(max(2.0, 0.05 * cfg.time_budget * 60), 60.0)
     with logging_redirect_tqdm():
         while step < stop_at:
             if cfg.time_budget and fitted is None:
-                now = time.perf_counter()
                 if step == first + 3:
-                    mark = (step, now)
-                elif mark is not None and now - mark[1] >= calibrate_s and step - mark[0] >= 5:
-                    rate = (step - mark[0]) / (now - mark[1])
-                    # evaluations: as measured, else about a third of a step per batch
-                    eval_s = (
-                        0.0
-                        if val_shards is None
-                        else eval_took or (math.ceil(cfg.eval_samples / cfg.batch_size) / rate / 3)
-                    )
-                    # leave room for the last checkpoint and the export
-                    left = (
-                        cfg.time_budget * 60 - (now - t_start) - (3.0 + 0.03 * cfg.time_budget * 60)
-                    )
-                    new = fit_to_time(cfg, plan, step, rate, left, eval_s)
-                    total = torch.tensor(
-                        [make_plan(new, acc.num_processes).total_steps], device=acc.device
-                    )
-                    total = int(acc.gather(total).min())  # every process agrees
-                    cfg = with_total_steps(cfg, plan, total)
-                    plan = make_plan(cfg, acc.num_processes)
-                    stop_at = min(plan.total_steps, cfg.stop_after_steps or plan.total_steps)
-                    fitted = {"total_steps": plan.total_steps, "steps_per_s": rate}
-                    bar.total = plan.total_steps
-                    if main:
-                        log.info("time_budget %.1f min: %.2f steps/s, so %s steps (%s tokens)",
-                                 cfg.time_budget, rate, f"{plan.total_steps:,}",
-                                 f"{plan.total_steps * plan.tokens_per_step:,}")  # fmt: skip
+                    mark = (step, time.perf_counter())
+                elif mark is not None:
+                    eval_s = None if val_shards is None else eval_took
+                    fit = _fit_budget(acc, cfg, plan, step, mark, t_start, eval_s)
+                    if fit is not None:
+                        cfg, fitted = fit
+                        plan = make_plan(cfg, acc.num_processes)
+                        stop_at = min(plan.total_steps, cfg.stop_after_steps or plan.total_steps)
+                        bar.total = plan.total_steps
+                        if main:
+                            log.info("time_budget %.1f min: %.2f steps/s, so %s steps (%s tokens)",
+                                     cfg.time_budget, fitted["steps_per_s"], f"{plan.total_steps:,}",
+                                     f"{plan.total_steps * plan.tokens_per_step:,}")  # fmt: skip
             t_step = time.perf_counter()
             lr = lr_at(cfg, (step + 1) * plan.tokens_per_step)
             for g in optimizer.param_groups:
@@ -375,6 +360,44 @@ def train(
         result.final_dir = out / "final"
     acc.end_training()
     return result
+
+
+def _fit_budget(
+    acc: Accelerator,
+    cfg: TrainConfig,
+    plan: Plan,
+    step: int,
+    mark: tuple[int, float],
+    t_start: float,
+    eval_s: float | None,
+) -> tuple[TrainConfig, dict[str, float]] | None:
+    """time_budget: None while calibrating (steps/s measured since `mark`), then `cfg`
+    re-planned to end within the budget, and what was measured. Every process calls it at
+    every step of the calibration and all decide together (a collective), so they stop
+    calibrating at the same step and agree on the new total. `eval_s`: the last validation
+    pass's seconds (0 = none yet, then a third of a step per batch is assumed; None = no
+    validation split)."""
+    now = time.perf_counter()
+    calibrate_s = min(max(2.0, 0.05 * cfg.time_budget * 60), 60.0)
+    ready = now - mark[1] >= calibrate_s and step - mark[0] >= 5
+    flag = torch.tensor(float(ready), device=acc.device)
+    if float(acc.reduce(flag, "sum")) < acc.num_processes:
+        return None
+    rate = (step - mark[0]) / (now - mark[1])
+    if eval_s is None:
+        eval_s = 0.0
+    elif eval_s == 0.0:
+        eval_s = math.ceil(cfg.eval_samples / cfg.batch_size) / rate / 3
+    # leave room for the last checkpoint and the export
+    left = cfg.time_budget * 60 - (now - t_start) - (3.0 + 0.03 * cfg.time_budget * 60)
+    steps = make_plan(
+        fit_to_time(cfg, plan, step, rate, left, eval_s), acc.num_processes
+    ).total_steps
+    steps = int(acc.gather(torch.tensor([steps], device=acc.device)).min())  # the slowest wins
+    return with_total_steps(cfg, plan, steps), {
+        "total_steps": min(steps, plan.total_steps),
+        "steps_per_s": rate,
+    }
 
 
 class _null:

@@ -35,30 +35,43 @@ def _losses(run: Path) -> list[float]:
     return [r["train/loss"] for r in rows if "train/loss" in r]
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_at_the_same_global_batch(tmp_path):
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+SCRIPT = str(REPO / "training" / "train.py")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
     from m2core.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
     from training.prepare import PrepareOptions, prepare
     from training.synth import generate
 
-    generate(tmp_path / "synth", clips=3, seed=3, workers=1, frames=(20, 22), progress=False)
+    tmp = tmp_path_factory.mktemp("ddp")
+    generate(tmp / "synth", clips=3, seed=3, workers=1, frames=(20, 22), progress=False)
     torch.manual_seed(0)
     tok = ImageTokenizer(ImageTokenizerConfig(levels=(4, 4), channels=(8, 8, 16, 16), res_blocks=0))
     prepare(
-        PrepareOptions(
-            tmp_path / "synth", tok.save_pretrained(tmp_path / "tok"), tmp_path / "prep", workers=0
-        )
+        PrepareOptions(tmp / "synth", tok.save_pretrained(tmp / "tok"), tmp / "prep", workers=0)
     )
+    return tmp / "prep"
+
+
+def _config(tmp_path: Path, prepared: Path, **extra) -> Path:
     cfg = {
-        "data_dir": str(tmp_path / "prep"), "batch_size": 2, "num_tokens_per_sample": 64,
+        "data_dir": str(prepared), "batch_size": 2, "num_tokens_per_sample": 64,
         "total_tokens": "768", "warmup_tokens": "256", "model_preset": "tiny",
         "model": {"dim": 32, "heads": 2, "enc_layers": 1, "dec_layers": 1}, "eval_interval": 0,
         "checkpoint_interval": 0, "num_workers": 0, "log_interval": 1, "cpu": True, "resume": "none",
+        **extra,
     }  # fmt: skip
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    script = str(REPO / "training" / "train.py")
+    return path
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_at_the_same_global_batch(prepared, tmp_path):
+    path, env, script = _config(tmp_path, prepared), ENV, SCRIPT
     one = _run(
         [
             sys.executable,
@@ -71,11 +84,21 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path):
         env,
     )
     assert one.returncode == 0, one.stderr[-2000:]
-    two = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                script, "--config", str(path), f"output_dir={tmp_path / 'two'}"], env)  # fmt: skip
+    two = _run([*TORCHRUN, script, "--config", str(path), f"output_dir={tmp_path / 'two'}"], env)
     assert two.returncode == 0, two.stderr[-2000:]
     assert "2 device(s) x batch -> global batch 4 samples" in two.stderr
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(a) == len(b) == 3
     assert b == pytest.approx(a, rel=1e-4, abs=1e-4)
     assert (tmp_path / "two" / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_time_budget_with_two_processes_ends_together(prepared, tmp_path):
+    """Both processes leave calibration at the same step and agree on the new total (a
+    collective each step while calibrating): no hang, one plan, a serving checkpoint."""
+    path = _config(tmp_path, prepared, total_tokens=10, time_budget=0.2, log_interval=20)
+    run = _run([*TORCHRUN, SCRIPT, "--config", str(path), f"output_dir={tmp_path / 'b'}"], ENV)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stderr.count("time_budget 0.2 min") == 1  # logged by the main process only
+    assert (tmp_path / "b" / "final" / "model.safetensors").is_file()
