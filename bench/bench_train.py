@@ -28,7 +28,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from training.config import format_duration, load_config, make_plan, masking_config  # noqa: E402
+from training.config import (  # noqa: E402
+    format_duration,
+    load_config,
+    make_plan,
+    masking_config,
+    model_config,
+)
 from training.data import MaskedDataset, Shards, StepSampler, load_meta  # noqa: E402
 from training.export import peak_flops  # noqa: E402
 from training.train import param_groups  # noqa: E402
@@ -63,15 +69,13 @@ def bench(cfg, data: Path, seconds: float, warmup: int) -> dict:
     from accelerate import Accelerator
 
     from m2core.masking import collate, mask_sample
-    from m2core.model import M2Config, M2Model
+    from m2core.model import M2Model
 
     meta = load_meta(data)
     acc = Accelerator(
         cpu=cfg.cpu, mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.dtype]
     )
-    mcfg = M2Config.from_preset(cfg.model_preset, image_vocab=meta["image_vocab"], text_vocab=meta["text_vocab"],
-                                caption_len=meta["caption_len"], input_tokens=cfg.input_tokens,
-                                target_tokens=cfg.target_tokens, **cfg.model)  # fmt: skip
+    mcfg = model_config(cfg, meta)
     torch.manual_seed(0)
     model = M2Model(mcfg).to(acc.device)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,

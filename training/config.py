@@ -435,6 +435,18 @@ def _validate(cfg: TrainConfig) -> None:
     masking_config(cfg)  # alphas name real modalities, mixtures are well formed
 
 
+def model_config(cfg: TrainConfig, meta: dict[str, Any]) -> Any:
+    """The m2core.model.M2Config of this run: the preset plus `model` overrides, with the
+    vocabularies of the prepared data (`meta.json`) and the run's slot counts."""
+    from m2core.model import M2Config
+
+    return M2Config.from_preset(
+        cfg.model_preset,
+        **{"image_vocab": meta["image_vocab"], "text_vocab": meta["text_vocab"], "caption_len": meta["caption_len"],
+           "input_tokens": cfg.input_tokens, "target_tokens": cfg.target_tokens, **cfg.model},
+    )  # fmt: skip
+
+
 def masking_config(cfg: TrainConfig) -> Any:
     """The m2core.masking.MaskingConfig of this run.
 

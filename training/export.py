@@ -58,9 +58,9 @@ A 4M-style multimodal encoder-decoder that forecasts a person's next six skeleto
 caption and the next key frame's image tokens from one video frame.
 
 ## Training
-- Command: `{" ".join(["accelerate launch training/train.py", *sys.argv[1:]]) if sys.argv[1:] else "train(config)"}`
-- Steps: {run.get("steps")}, tokens: {run.get("tokens"):,}, processes: {run.get("processes")}
-- Final training loss: {f"{loss:.4f}" if loss is not None else "n/a"}; throughput {run.get("tokens_per_s", 0):,.0f} tokens/s
+- Command: `{run.get("command") or (" ".join(["accelerate launch training/train.py", *sys.argv[1:]]) if sys.argv[1:] else "train(config)")}`
+- Steps: {run.get("steps")}, tokens: {run.get("tokens"):,}, processes: {run.get("processes") or "n/a"}
+- Final training loss: {f"{loss:.4f}" if loss is not None else "n/a"}; throughput {f"{run['tokens_per_s']:,.0f} tokens/s" if run.get("tokens_per_s") else "n/a"}
 
 ## Data
 - Source: {source.get("kind", "?")} at `{source.get("path", "?")}`
@@ -110,8 +110,8 @@ def export_training_checkpoint(path: Path, out: Path, data_dir: Path | None = No
     """A training checkpoint (`state.json` + `model.safetensors`) -> serving checkpoint."""
     from safetensors.torch import load_file
 
-    from m2core.model import M2Config, M2Model
-    from training.config import make_config
+    from m2core.model import M2Model
+    from training.config import make_config, model_config
     from training.data import load_meta
     from training.train_state import STATE_FILE
 
@@ -126,22 +126,14 @@ def export_training_checkpoint(path: Path, out: Path, data_dir: Path | None = No
         config["data_dir"] = str(data_dir)
     cfg = make_config(config)
     meta = load_meta(cfg.data_dir)
-    mcfg = M2Config.from_preset(
-        cfg.model_preset,
-        **{"image_vocab": meta["image_vocab"], "text_vocab": meta["text_vocab"], "caption_len": meta["caption_len"],
-           "input_tokens": cfg.input_tokens, "target_tokens": cfg.target_tokens, **cfg.model},
-    )  # fmt: skip
+    mcfg = model_config(cfg, meta)
     model = M2Model(mcfg)
-    weights = {
-        k: v.float() if v.is_floating_point() else v
-        for k, v in load_file(str(path / "model.safetensors")).items()
-    }
-    model.load_state_dict(weights, strict=True)
+    model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)  # casts to fp32
     history = state.get("metrics", {})
     last = history[max(history, key=int)] if history else {}
     val = {k.removeprefix("val/"): v for k, v in last.items() if k.startswith("val/")}
-    run = {"train_loss": None, "steps": state["step"], "tokens": state.get("tokens"),
-           "processes": 1, "exported_from": str(path)}  # fmt: skip
+    run = {"train_loss": None, "steps": state["step"], "tokens": state.get("tokens"), "processes": None,
+           "command": f"m2 export --from {path}", "exported_from": str(path)}  # fmt: skip
     return export_serving_checkpoint(out, model, cfg, meta, val, run)
 
 

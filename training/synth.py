@@ -80,8 +80,13 @@ def render_clip(spec: ClipSpec) -> RenderedClip:
         img, joints, vis[i], bbox[i] = render_frame(spec, bg, float(i))
         frames.append(img)
         x[i], y[i] = joints[:, 0], joints[:, 1]
-    caps = [caption(spec.style, spec.motion.action, spec.motion.phase(float(i))) for i in range(n)]
-    return RenderedClip(spec, frames, x, y, vis, bbox, caps)
+    return RenderedClip(spec, frames, x, y, vis, bbox, clip_captions(spec))
+
+
+def clip_captions(spec: ClipSpec) -> list[str]:
+    """One caption per frame (they follow the motion's phase)."""
+    return [caption(spec.style, spec.motion.action, spec.motion.phase(float(i)))
+            for i in range(spec.nframes)]  # fmt: skip
 
 
 def write_clip(root: Path, clip: RenderedClip) -> None:
@@ -112,8 +117,12 @@ def write_clip(root: Path, clip: RenderedClip) -> None:
 def _job(root: str, seed: int, index: int, frames: tuple[int, int]) -> dict:
     clip = render_clip(sample_spec(seed, index, frames))
     write_clip(Path(root), clip)
-    spec = clip.spec
-    return {"id": clip.clip_id, "captions": clip.captions, "action": spec.motion.action,
+    return _summary(clip.spec, clip.captions)
+
+
+def _summary(spec: ClipSpec, captions: list[str]) -> dict:
+    """What synth.json and captions.json need of one clip."""
+    return {"id": f"{spec.index:04d}", "captions": captions, "action": spec.motion.action,
             "train": spec.train, "nframes": spec.nframes}  # fmt: skip
 
 
@@ -128,10 +137,7 @@ def _known(root: str, seed: int, index: int, frames: tuple[int, int]) -> dict | 
         or not (folder / f"{spec.nframes:06d}.jpg").is_file()
     ):
         return None
-    n = spec.nframes
-    caps = [caption(spec.style, spec.motion.action, spec.motion.phase(float(i))) for i in range(n)]
-    return {"id": cid, "captions": caps, "action": spec.motion.action, "train": spec.train,
-            "nframes": n}  # fmt: skip
+    return _summary(spec, clip_captions(spec))
 
 
 def _write_json(path: Path, obj: object) -> None:

@@ -48,6 +48,7 @@ from training.config import (
     make_config,
     make_plan,
     masking_config,
+    model_config,
     with_total_steps,
 )
 from training.data import MaskedDataset, Shards, StepSampler, load_meta
@@ -116,7 +117,7 @@ def train(
 ) -> TrainResult:
     """Run (or continue) the training described by `config`; see the module docstring."""
     from m2core.masking import collate, mask_sample
-    from m2core.model import M2Config, M2Model
+    from m2core.model import M2Model
 
     t_start = time.perf_counter()  # time_budget counts from here
     cfg = make_config(config, overrides)
@@ -134,11 +135,7 @@ def train(
     train_shards = Shards(cfg.data_dir, "train", meta)
     has_val = meta["counts"].get("val", {}).get("samples")
     val_shards = Shards(cfg.data_dir, "val", meta) if has_val else None
-    mcfg = M2Config.from_preset(
-        cfg.model_preset,
-        **{"image_vocab": meta["image_vocab"], "text_vocab": meta["text_vocab"], "caption_len": meta["caption_len"],
-           "input_tokens": cfg.input_tokens, "target_tokens": cfg.target_tokens, **cfg.model},
-    )  # fmt: skip
+    mcfg = model_config(cfg, meta)
     resume_step = None
     if resume_from is not None:
         resume_step = int(json.loads((resume_from / ts.STATE_FILE).read_text())["step"])
