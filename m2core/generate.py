@@ -133,7 +133,7 @@ def _vocab_mask(model: M2Model, name: str, n: int, device: torch.device) -> Tens
     """(n, V) bool of the ids each position of a pose modality may take, else None."""
     if model.config.registry()[name].kind != "pose":
         return None
-    is_flag = torch.arange(model.heads[name].out_features, device=device) >= POSE_BINS
+    is_flag = torch.arange(model.config.registry()[name].vocab_size, device=device) >= POSE_BINS
     comp_is_flag = (torch.arange(n, device=device) % 3 == 2)[:, None]
     return is_flag[None, :] == comp_is_flag
 

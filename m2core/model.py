@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,9 @@ IGNORE = -100  # label of a slot without loss (padding, or a revealed MaskGIT to
 PRESENT_OF: dict[str, str] = {"coords_next": "coords", "tok_rgb_next": "tok_rgb"}
 _COPY_WIDTH = 64.0  # bins (2 pixels of the 256 frame): width of the pose copy bonus
 _MAX_OFFSET = 2048  # bins (a quarter of the frame): reach of the pose offset head
+_SHIFT_UNIT = 64.0  # bins: the unit of the pose shift head's outputs (mean and scale)
+_SHIFT_SCALE0 = 1024.0  # bins: the shift term's initial scale (nearly flat: -1 logit per 1024 bins)
+_SHIFT_GAIN = 8.0  # the head's raw outputs are multiplied by this: an 8x learning rate for it
 
 # Body sizes; everything else (vocabularies, budgets) is a separate field of M2Config.
 PRESETS: dict[str, dict[str, int]] = {
@@ -92,6 +96,18 @@ class M2Config:
     # get a learned bonus on that token (pose: on nearby bins), so the model starts from
     # the zero-velocity forecast and learns the change. Needs `dec_prior` in the batch.
     present_prior: bool = True
+    # A future joint coordinate also gets a Laplace term over its offset from the present
+    # bin, -|offset - mu| / b, with mu and b regressed from its decoder state. Two numbers
+    # per slot instead of thousands of offset logits: the model learns "this wrist moves 90
+    # bins up" from far fewer samples, as a regression would, and the output is still a
+    # distribution over bins (sampling and the median work as before). Starts at mu = 0.
+    pose_shift: bool = False
+    # A pose coordinate's embedding, and its logit row in a pose head, are learned linear
+    # maps of fixed sin-cos features of the bin value, shared by all 8192 bins. With one
+    # free row per bin (False) every bin learns alone: after training, neighbouring bins'
+    # embeddings had drifted apart (cosine 0.99 at init, 0.66 after the demo run) and the
+    # model read skeletons badly. A checkpoint with tables converts (`adapt_state_dict`).
+    pose_basis: bool = False
 
     def __post_init__(self) -> None:
         for name in ("dim", "enc_layers", "dec_layers", "heads", "input_tokens", "target_tokens"):
@@ -205,9 +221,21 @@ class M2Model(nn.Module):
             DecoderBlock(D, config.heads, hidden, eps) for _ in range(config.dec_layers)
         )
         self.dec_norm = nn.LayerNorm(D, eps=eps, bias=False)
-        self.heads = nn.ModuleDict(
-            {n: nn.Linear(D, reg[n].vocab_size, bias=False) for n in self.target_names}
+        basis = config.pose_basis
+        # with pose_basis, a pose head's own rows are the two visibility flags only
+        self.heads = nn.ModuleDict({
+            n: nn.Linear(D, reg[n].vocab_size - (POSE_BINS if basis and reg[n].kind == "pose" else 0), bias=False)
+            for n in self.target_names
+        })  # fmt: skip
+        self.register_buffer(
+            "mod_is_pose", torch.tensor([m.kind == "pose" for m in mods]), persistent=False
         )
+        if basis:
+            self.register_buffer("bin_feats", _bin_features(POSE_BINS, D), persistent=False)
+        self.pose_value = nn.Linear(D, D, bias=False) if basis else None
+        self.pose_head_basis = nn.ModuleDict(
+            {n: nn.Linear(D, D, bias=False) for n in self.target_names if basis and reg[n].kind == "pose"}
+        )  # fmt: skip
         # present -> future prior: source modality of each modality's prior (itself if none)
         src = [self.names.index(PRESENT_OF.get(n, n)) for n in self.names]
         self.register_buffer("prior_src", torch.tensor(src), persistent=False)
@@ -223,6 +251,9 @@ class M2Model(nn.Module):
                 for n in PRESENT_OF
                 if config.present_prior and reg[n].kind == "pose"
             }
+        )
+        self.shift_heads = nn.ModuleDict(
+            {n: nn.Linear(D, 2) for n in self.offset_heads} if config.pose_shift else {}
         )
         self._init_weights()
         log.info("M2Model %s: %.2fM parameters", config.preset, self.num_params() / 1e6)
@@ -246,15 +277,25 @@ class M2Model(nn.Module):
             return
         for head in self.offset_heads.values():
             nn.init.zeros_(head.weight)
+        for head in self.shift_heads.values():  # mu = 0, b = _SHIFT_SCALE0
+            nn.init.zeros_(head.weight)
+            head.bias.data.copy_(
+                torch.tensor([0.0, math.log(_SHIFT_SCALE0 / _SHIFT_UNIT) / _SHIFT_GAIN])
+            )
         smooth = _bin_features(POSE_BINS, self.config.dim) * std * 2**0.5
         reg = self.config.registry()
         offsets = self.tok_offset.tolist()
         with torch.no_grad():
+            if self.pose_value is not None:  # same start as the tables: features x scale
+                eye = torch.eye(self.config.dim) * std * 2**0.5
+                self.pose_value.weight.copy_(eye)
+                for head in self.pose_head_basis.values():
+                    head.weight.copy_(eye)
             for i, name in enumerate(self.names):
                 if reg[name].kind != "pose":
                     continue
                 self.tok_emb.weight[offsets[i] : offsets[i] + POSE_BINS] = smooth
-                if name in self.heads:
+                if name in self.heads and name not in self.pose_head_basis:
                     self.heads[name].weight[:POSE_BINS] = smooth
             # the future image head starts as the present image's embedding table, so the
             # present token (added to the query) already points at itself
@@ -277,7 +318,37 @@ class M2Model(nn.Module):
         return table[pos + self.pos_offset[mod]] + self.mod_emb(mod)
 
     def embed_tokens(self, ids: Tensor, mod: Tensor) -> Tensor:
-        return self.tok_emb(ids + self.tok_offset[mod])
+        x = self.tok_emb(ids + self.tok_offset[mod])
+        if self.pose_value is None:
+            return x
+        coord = self.mod_is_pose[mod] & (ids < POSE_BINS)
+        value = self.pose_value(self.bin_feats[ids.clamp(0, POSE_BINS - 1)]).to(x.dtype)
+        return torch.where(coord[..., None], value, x)
+
+    def pose_logits(self, name: str, h: Tensor) -> Tensor:
+        """(n, D) -> (n, POSE_BINS + 2) logits of a pose head (coordinate bins, then flags)."""
+        if name not in self.pose_head_basis:
+            return self.heads[name](h)
+        coord = self.pose_head_basis[name](h) @ self.bin_feats.to(h.dtype).T
+        return torch.cat([coord, self.heads[name](h)], dim=-1)
+
+    def adapt_state_dict(self, stored: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Weights of a model without `pose_basis` -> this model's, when it has one: the
+        basis weights are the least-squares fits of the stored per-bin rows onto the bin
+        features (their smooth part), the heads keep their flag rows. Else unchanged."""
+        if self.pose_value is None or "pose_value.weight" in stored:
+            return stored
+        out = dict(stored)
+        feats = self.bin_feats.double()
+        fit = lambda rows: torch.linalg.lstsq(feats, rows.double()).solution.T.float()  # noqa: E731
+        i = self.names.index("coords")
+        start = int(self.tok_offset[i])
+        out["pose_value.weight"] = fit(stored["tok_emb.weight"][start : start + POSE_BINS])
+        for name in self.pose_head_basis:
+            rows = stored[f"heads.{name}.weight"]
+            out[f"pose_head_basis.{name}.weight"] = fit(rows[:POSE_BINS]).T.contiguous()
+            out[f"heads.{name}.weight"] = rows[POSE_BINS:].contiguous()
+        return out
 
     # --- Stages --------------------------------------------------------------------
     def encode(
@@ -324,7 +395,7 @@ class M2Model(nn.Module):
     def head_logits(self, name: str, h: Tensor, prior: Tensor | None = None) -> Tensor:
         """(n, D) decoder states of one modality's slots -> (n, V) logits, with the learned
         bonus on the present token (pose coordinates: a bump over nearby bins)."""
-        out = self.heads[name](h)
+        out = self.pose_logits(name, h) if self.kinds[name] == "pose" else self.heads[name](h)
         if prior is None or name not in self.copy_gain:
             return out
         has = prior >= 0
@@ -341,6 +412,12 @@ class M2Model(nn.Module):
                 idx = bins.long()[None] - prior[:, None] + _MAX_OFFSET  # (n, bins)
                 inside = (idx >= 0) & (idx <= 2 * _MAX_OFFSET) & coord[:, None]
                 shift = rel.gather(1, idx.clamp(0, 2 * _MAX_OFFSET)) * inside
+                if name in self.shift_heads:
+                    raw = self.shift_heads[name](h).float() * _SHIFT_GAIN  # (n, 2): mu, log b
+                    mu = raw[:, 0] * _SHIFT_UNIT
+                    b = _SHIFT_UNIT * raw[:, 1].clamp(-5.0, 5.0).exp()
+                    dist = (bins.float()[None] - prior[:, None] - mu[:, None]).abs()
+                    shift = shift - (dist / b[:, None] * coord[:, None]).to(shift.dtype)
                 out = torch.cat([out[:, :POSE_BINS] + shift, out[:, POSE_BINS:]], dim=1)
         else:
             bonus = torch.zeros_like(out)

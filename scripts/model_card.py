@@ -4,7 +4,8 @@
 
 Reads (all written by the repo's own commands, see scripts/make_demo.sh):
 `WORK/eval/report.json` (m2 eval on the held-out test clips), `WORK/tokenizer/metrics.json`
-(m2 train-tokenizer), `WORK/run/logs/metrics.jsonl` (training), `WORK/prepared/meta.json`
+(m2 train-tokenizer), `WORK/run/logs/metrics.jsonl` (training; `WORK/finetune/logs/` when
+there was a fine-tune stage, with `--stage1` the checkpoint it started from), `WORK/prepared/meta.json`
 (m2 prepare), `WORK/times.json` (stage wall times, written by make_demo.sh) and the
 checkpoint's `reproduce.json` (the small held-out set the tests re-evaluate).
 """
@@ -80,19 +81,44 @@ def train_command(tcfg: dict) -> str:
             f"    --config configs/m2-tiny.yaml data_dir=data/demo/prepared output_dir=data/demo/run \\\n    {args}")  # fmt: skip
 
 
-def card(ckpt: Path, work: Path, history: str = "") -> str:
+def finetune_command(tcfg: dict) -> str:
+    """The second stage's command line: configs/m2-tiny-finetune.yaml from the first's weights."""
+    budget = (f"  # as run: time_budget={tcfg['time_budget']} chose total_tokens={tcfg['total_tokens']:.6g}\n"
+              if tcfg.get("time_budget") else "")  # fmt: skip
+    return (f"{budget}accelerate launch --cpu --num_processes 1 training/train.py --config configs/m2-tiny-finetune.yaml \\\n"
+            f"    init_from=data/demo/run/final data_dir=data/demo/prepared output_dir=data/demo/finetune \\\n"
+            f"    total_tokens={tcfg['total_tokens']:.6g} warmup_tokens={tcfg['warmup_tokens']:.6g}")  # fmt: skip
+
+
+def _training_line(label: str, rows: list[dict], tcfg: dict) -> str:
+    return (f"{label}{_last(rows, 'tokens') / 1e6:.1f}M tokens ({_last(rows, 'step')} steps of {tcfg['batch_size']} samples "
+            f"x {tcfg['num_tokens_per_sample']} tokens), final training loss {_last(rows, 'train/loss'):.3f}, "
+            f"validation CE (masked, mean) {_last(rows, 'val/ce_mean') or float('nan'):.3f}.")  # fmt: skip
+
+
+def card(ckpt: Path, work: Path, history: str = "", stage1: Path | None = None) -> str:
     report = _read(work / "eval" / "report.json")
     tok = _read(work / "tokenizer" / "metrics.json")["held_out"]
     meta = _read(work / "prepared" / "meta.json")
     times = _read(work / "times.json")
     repro = _read(ckpt / "reproduce.json")
     config = _read(ckpt / "config.json")
-    rows = [json.loads(x) for x in (work / "run" / "logs" / "metrics.jsonl").read_text().splitlines() if x.strip()]  # fmt: skip
+    def log_rows(run: str) -> list[dict]:
+        return [json.loads(x) for x in (work / run / "logs" / "metrics.jsonl").read_text().splitlines() if x.strip()]  # fmt: skip
+
+    two = stage1 is not None
     cn, zv = report["coords_next"], report["coords_next"]["zero_velocity"]
     size = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
     counts = ", ".join(f"{s} {c['samples']} samples / {c['clips']} clips" for s, c in meta["counts"].items())  # fmt: skip
     tcfg = config.get("extra", {}).get("training", {}).get("config", {})
-    train_cmd = train_command(tcfg)
+    if two:
+        s1cfg = _read(stage1 / "config.json")["extra"]["training"]["config"]
+        train_cmd = train_command(s1cfg) + "\n" + finetune_command(tcfg)
+        training = (_training_line("Stage 1: ", log_rows("run"), s1cfg) + "\n"
+                    + _training_line("Stage 2 (fine-tune): ", log_rows("finetune"), tcfg))  # fmt: skip
+    else:
+        train_cmd = train_command(tcfg)
+        training = _training_line("Training: ", log_rows("run"), tcfg)
     stage = "\n".join(f"| {k} | {v / 60:.1f} min |" for k, v in times.items() if k != "machine")
     return f"""# M2 demo checkpoint (`m2-tiny`)
 
@@ -112,7 +138,7 @@ m2 train-tokenizer --data data/demo/synth --out data/demo/tokenizer --config con
 m2 synth --out data/demo/synth --clips {meta["source"].get("synth", {}).get("clips", "?")} --seed 0 --workers 2 --resume
 m2 prepare --data data/demo/synth --tokenizer data/demo/tokenizer --out data/demo/prepared --hop {meta.get("hop", meta["stride"])}
 {train_cmd}
-python scripts/pack_checkpoint.py data/demo/run/final checkpoints/m2-demo --dtype float16
+python scripts/pack_checkpoint.py data/demo/{"finetune" if two else "run"}/final checkpoints/m2-demo --dtype float16
 m2 eval --checkpoint checkpoints/m2-demo --data data/demo/prepared --out data/demo/eval --split test --samples 256
 ```
 
@@ -126,8 +152,7 @@ Data: {meta["source"].get("synth", {}).get("clips", "?")} synthetic clips (10 ac
 clip: {counts}. Key-frame stride {meta["stride"]}, a key frame every {meta.get("hop", meta["stride"])} frames; captions from the synthetic side file;
 caption vocabulary {meta["text_vocab"]} ids (compact GPT-2 BPE), image vocabulary {meta["image_vocab"]}.
 
-Training: {_last(rows, "tokens") / 1e6:.1f}M tokens ({_last(rows, "step")} steps of {tcfg["batch_size"]} samples x {tcfg["num_tokens_per_sample"]} tokens),
-final training loss {_last(rows, "train/loss"):.3f}, validation CE (masked, mean) {_last(rows, "val/ce_mean") or float("nan"):.3f}.
+{training}
 
 {history}
 
@@ -182,9 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", type=Path, required=True)
     ap.add_argument("--work", type=Path, required=True, help="folder make_demo.sh worked in")
     ap.add_argument("--history", default="", help="a paragraph on how this checkpoint came about")
+    ap.add_argument("--stage1", type=Path, default=None,
+                    help="the serving checkpoint a fine-tune stage started from (WORK/run/final)")  # fmt: skip
     args = ap.parse_args(argv)
     try:
-        text = card(args.checkpoint, args.work, args.history)
+        text = card(args.checkpoint, args.work, args.history, args.stage1)
     except (FileNotFoundError, KeyError, json.JSONDecodeError) as e:
         print(f"model_card: error: {e}", file=sys.stderr)
         return 2

@@ -75,6 +75,9 @@ class TrainConfig:
     checkpoint_interval: float = 250.0  # millions of tokens; 0 = only at the end
     keep_checkpoints: int = 3
     resume: str = "auto"  # auto | none | path of a checkpoint directory
+    # Fine-tune: start from these weights (a serving or training checkpoint directory) with
+    # a fresh optimizer and schedule. Ignored when the run resumes from its own checkpoint.
+    init_from: str | None = None
     stop_after_steps: int | None = None  # stop early (checkpoint, no export): like a kill
     # Wall-clock budget in minutes (0 = off): after a short calibration the run measures its
     # speed and cuts total_tokens (an upper bound then) so that training, the last

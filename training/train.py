@@ -159,7 +159,13 @@ def train(
 
     torch.manual_seed(cfg.seed)  # same initial weights on every process
     np.random.seed(cfg.seed)
-    model = M2Model(mcfg).to(acc.device)
+    model = M2Model(mcfg)
+    if cfg.init_from and resume_from is None:
+        fresh = ts.load_initial_weights(cfg.init_from, model)
+        if main:
+            log.info("initial weights from %s%s", cfg.init_from,
+                     f" (new, freshly initialised: {', '.join(fresh)})" if fresh else "")  # fmt: skip
+    model = model.to(acc.device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                   fused=acc.device.type == "cuda")  # fmt: skip
     step, history = 0, {}

@@ -230,3 +230,33 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def load_initial_weights(path: str | Path, model: torch.nn.Module) -> list[str]:
+    """Start a run from another run's weights (`init_from`): a serving checkpoint or a
+    training checkpoint directory (either holds model.safetensors; any float dtype, cast to
+    the model's). Every stored tensor must exist in the model with the same shape; the
+    model's parameters the file lacks (a head added since) keep their initialisation and
+    are returned by name. No optimizer state, step or schedule is taken over."""
+    from safetensors.torch import load_file
+
+    weights = Path(path) / "model.safetensors"
+    if not weights.is_file():
+        raise TrainStateError(f"init_from={path}: no model.safetensors there")
+    try:
+        stored = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise TrainStateError(f"{weights}: damaged or not a safetensors file ({e})") from None
+    if hasattr(model, "adapt_state_dict"):
+        stored = model.adapt_state_dict(stored)
+    own = model.state_dict()
+    unknown = sorted(set(stored) - set(own))
+    if unknown:
+        raise TrainStateError(f"init_from={path}: the model has no {unknown[:5]} (another architecture?)")
+    for name, t in stored.items():
+        if t.shape != own[name].shape:
+            raise TrainStateError(
+                f"init_from={path}: {name} is {tuple(t.shape)} there, {tuple(own[name].shape)} here"
+            )
+    model.load_state_dict(stored, strict=False)
+    return sorted(set(own) - set(stored))

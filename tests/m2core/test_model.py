@@ -185,9 +185,8 @@ def test_soft_pose_labels_train_towards_the_right_bins_and_eval_ce_stays_hard():
     torch.testing.assert_close(hard, torch.stack(per_mod).mean())
 
 
-def test_offset_head_learns_a_shift_from_the_present_pose():
-    """Every joint moves +300 bins: the copy prior starts at the present, the offset head
-    learns the displacement (the same for every absolute position)."""
+def _moving_batch():
+    """4 samples whose every joint moves +300 bins at each future frame."""
     rng = np.random.default_rng(7)
     samples = []
     for _ in range(4):
@@ -201,7 +200,13 @@ def test_offset_head_learns_a_shift_from_the_present_pose():
         samples.append(s)
     cfg = MaskingConfig(input_budget=64, target_budget=64,
                         alpha_sets=(AlphaSet({"tok_rgb": 1.0, "coords": 1.0}, {"coords_next": 1.0}),))  # fmt: skip
-    batch = collate([mask_sample(s, cfg, rng) for s in samples])
+    return collate([mask_sample(s, cfg, rng) for s in samples])
+
+
+def test_offset_head_learns_a_shift_from_the_present_pose():
+    """Every joint moves +300 bins: the copy prior starts at the present, the offset head
+    learns the displacement (the same for every absolute position)."""
+    batch = _moving_batch()
     model = _model(pose_label_sigma=8.0)
     assert model.offset_heads["coords_next"].weight.abs().sum() == 0  # starts from the copy
     _fit(model, batch, 60)
@@ -212,4 +217,58 @@ def test_offset_head_learns_a_shift_from_the_present_pose():
     prior = batch["dec_prior"][batch["dec_valid"]]
     coord = (y != IGNORE) & (y < 8192)
     shift = logits["coords_next"][coord].argmax(-1) - prior[coord]
+    assert (shift - 300).abs().float().median() <= 16
+
+
+def test_pose_basis_model_takes_over_a_table_model_and_keeps_bins_smooth():
+    """adapt_state_dict turns a per-bin-table model into a pose_basis one: at init the
+    tables lie in the basis, so both give the same logits; after training the basis model's
+    neighbouring bins still embed alike (they share every parameter)."""
+    batch = _batch(seed=3)
+    table = _model(seed=1, pose_label_sigma=4.0)
+    basis = _model(seed=2, pose_label_sigma=4.0, pose_basis=True)
+    assert "pose_value.weight" in basis.state_dict()
+    assert basis.heads["coords"].out_features == 2  # the flags; bins come from the basis
+    basis.load_state_dict(basis.adapt_state_dict(table.state_dict()), strict=True)
+    table.eval(), basis.eval()
+    with torch.no_grad():
+        a, b = table(batch)[0], basis(batch)[0]
+    for name in a:
+        assert a[name].shape == b[name].shape
+        assert torch.allclose(a[name], b[name], atol=1e-3), name
+    basis.train()
+    _fit(basis, batch, 20)
+    with torch.no_grad():
+        ids = torch.tensor([[4000, 4001, 6000]])
+        e = basis.embed_tokens(ids, torch.full_like(ids, basis.names.index("coords")))[0]
+    assert torch.cosine_similarity(e[0], e[1], dim=0) > 0.99
+    assert torch.cosine_similarity(e[0], e[2], dim=0) < 0.9
+
+
+def test_shift_head_regresses_the_displacement():
+    """pose_shift: every joint moves +300 bins; the shift head's mean (2 numbers per slot,
+    not thousands of offset logits) learns it, and the median decode lands there."""
+    from m2core.generate import median_bins
+    from m2core.model import _SHIFT_GAIN, _SHIFT_UNIT
+
+    batch = _moving_batch()
+    model = _model(pose_label_sigma=8.0, pose_shift=True, pose_basis=True)
+    head = model.shift_heads["coords_next"]
+    assert head.weight.abs().sum() == 0 and head.bias[0] == 0  # starts from mu = 0: the copy
+    _fit(model, batch, 60)
+    model.eval()
+    with torch.no_grad():
+        logits, _ = model(batch)
+        mod = batch["dec_mod"] == model.names.index("coords_next")
+        valid = batch["dec_valid"] & mod
+        x = model.embed_queries(batch["dec_query"], batch["dec_mod"], batch["dec_pos"], None,
+                                batch["dec_prior"])  # fmt: skip
+        context, mask = model.encode(batch["enc_ids"], batch["enc_mod"], batch["enc_pos"], batch["enc_valid"])
+        h = model.decode(x, model.context_kv(context), mask, model.target_mask(batch["dec_mod"], batch["dec_valid"]))
+        mu = head(h[valid])[:, 0] * _SHIFT_GAIN * _SHIFT_UNIT
+    y = batch["dec_labels"][valid]
+    prior = batch["dec_prior"][valid]
+    coord = (y != IGNORE) & (y < 8192)
+    assert mu[coord].median() > 150  # the regression itself moved most of the way
+    shift = median_bins(logits["coords_next"], y.clamp(min=0))[coord] - prior[coord]
     assert (shift - 300).abs().float().median() <= 16

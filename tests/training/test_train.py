@@ -228,3 +228,30 @@ def test_export_false_then_m2_export_gives_the_same_serving_model(prepared, tmp_
     assert "Validation cross-entropy" in (tmp_path / "served" / "MODEL_CARD.md").read_text()
     assert export_main(["--from", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
     assert "not a training checkpoint" in capsys.readouterr().err
+
+
+def test_init_from_starts_a_run_from_another_runs_weights(prepared, tmp_path):
+    """init_from: a fine-tune starts from a serving checkpoint's weights (fresh optimizer
+    and schedule). With a vanishing lr it ends where it started; a model that grew a head
+    since keeps that head's init; a checkpoint of another shape is a clear error."""
+    from m2core.checkpoint import load_checkpoint
+    from m2core.model import M2Model
+
+    first = train({**TINY, "data_dir": str(prepared), "output_dir": str(tmp_path / "a")})
+    cfg = {**TINY, "data_dir": str(prepared), "output_dir": str(tmp_path / "b"),
+           "init_from": str(first.final_dir), "lr": 1e-9, "min_lr": 1e-10, "total_tokens": "512"}  # fmt: skip
+    second = train(cfg)
+    a = load_checkpoint(first.final_dir).model.state_dict()
+    b = load_checkpoint(second.final_dir).model.state_dict()
+    assert second.step == 2 and a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+    grown = M2Model(load_checkpoint(first.final_dir).model.config.__class__.from_dict(
+        {**json.loads((first.final_dir / "config.json").read_text())["model"], "pose_shift": True, "pose_basis": True}))  # fmt: skip
+    fresh = ts.load_initial_weights(first.final_dir, grown)
+    assert fresh == ["shift_heads.coords_next.bias", "shift_heads.coords_next.weight"]
+    with pytest.raises(ts.TrainStateError, match="no model.safetensors"):
+        ts.load_initial_weights(tmp_path, grown)
+    wide = {**TINY["model"], "dim": 48, "heads": 2}
+    with pytest.raises(ValueError, match="init_from=.*is \\("):
+        train({**cfg, "output_dir": str(tmp_path / "c"), "model": wide})
