@@ -101,9 +101,13 @@ def save_checkpoint(
                     f"storage_dtype must be float16 or bfloat16, got {storage_dtype!r}"
                 )
             store = getattr(torch, storage_dtype)
+        # weights that lose too much in half precision stay fp32 (M2Model says which)
+        keep = tuple(getattr(model, "FULL_PRECISION", ()))
         state = {
             k: (
-                v.detach().to("cpu", store) if store and v.is_floating_point() else v.cpu()
+                v.detach().to("cpu", store)
+                if store and v.is_floating_point() and not k.startswith(keep)
+                else v.cpu()
             ).contiguous()
             for k, v in model.state_dict().items()
         }

@@ -164,6 +164,11 @@ class FlopCount:
 
 
 class M2Model(nn.Module):
+    # Stored in fp32 even in a half-precision checkpoint: a pose basis converted from tables
+    # (adapt_state_dict) is a least-squares fit whose large terms cancel, and fp16 rounding
+    # of them moved pose logits by hundreds.
+    FULL_PRECISION = ("pose_value.", "pose_head_basis.")
+
     def __init__(self, config: M2Config):
         super().__init__()
         self.config = config
@@ -501,7 +506,7 @@ class M2Model(nn.Module):
                 count["encoder"] += p.numel()
             elif name.startswith(("decoder.", "dec_norm")):
                 count["decoder"] += p.numel()
-            elif name.startswith("heads."):
+            elif name.startswith(("heads.", "offset_heads.", "shift_heads.", "pose_head_basis.")):
                 count["heads"] += p.numel()
             else:
                 count["embeddings"] += p.numel()

@@ -8,6 +8,11 @@ and swaps it in, so `output_dir/final/` is either the previous export or the new
 trained where the tokenizers could not be packed (weights stored in any float dtype):
 
     m2 export --from runs/m2-tiny/checkpoints/step-00001429 --data data/prepared --out DIR
+
+With `--best METRIC`, `--from` is a run directory and the export is the kept checkpoint
+whose step logged the lowest METRIC (early stopping on validation, e.g. val/ce_coords_next):
+
+    m2 export --from runs/m2-tiny-ft --best val/ce_coords_next --out DIR
 """
 
 from __future__ import annotations
@@ -137,6 +142,27 @@ def export_training_checkpoint(path: Path, out: Path, data_dir: Path | None = No
     return export_serving_checkpoint(out, model, cfg, meta, val, run)
 
 
+def best_checkpoint(run: Path, metric: str) -> tuple[Path, float]:
+    """The kept checkpoint of `run` whose step logged the lowest `metric` in
+    logs/metrics.jsonl -> (its directory, the value)."""
+    from training.train_state import list_checkpoints
+
+    log_file = run / "logs" / "metrics.jsonl"
+    if not log_file.is_file():
+        raise FileNotFoundError(f"{run}: no logs/metrics.jsonl (--best needs a run directory)")
+    logged = {}
+    for line in log_file.read_text().splitlines():
+        row = json.loads(line) if line.strip() else {}
+        if metric in row:
+            logged[int(row["step"])] = float(row[metric])
+    kept = {int(json.loads((c / "state.json").read_text())["step"]): c for c in list_checkpoints(run / "checkpoints")}
+    both = sorted(set(logged) & set(kept), key=lambda step: logged[step])
+    if not both:
+        known = sorted({k for line in log_file.read_text().splitlines() if line.strip() for k in json.loads(line)})
+        raise ValueError(f"{run}: no kept checkpoint has {metric!r} logged at its step; logged keys: {known}")
+    return kept[both[0]], logged[both[0]]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="m2 export", description="Serving checkpoint from a training checkpoint."
@@ -144,8 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--from", dest="src", required=True, type=Path, help="checkpoints/step-N dir")
     p.add_argument("--out", required=True, type=Path, help="serving checkpoint dir to write")
     p.add_argument("--data", type=Path, default=None, help="prepared data dir (default: the run's)")
+    p.add_argument("--best", metavar="METRIC", default=None,
+                   help="--from is a run dir: export its kept checkpoint with the lowest METRIC")  # fmt: skip
     args = p.parse_args(argv)
     try:
+        if args.best:
+            args.src, value = best_checkpoint(args.src, args.best)
+            print(f"{args.best} is lowest at {args.src.name} ({value:.4f})")
         final = export_training_checkpoint(args.src, args.out, args.data)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
         print(f"m2 export: error: {e}", file=sys.stderr)

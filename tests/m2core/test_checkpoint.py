@@ -178,3 +178,28 @@ def test_half_precision_storage_halves_the_file_and_loads_back_to_fp32(tmp_path,
     assert all(torch.allclose(a[k], b[k], atol=1e-2, rtol=1e-2) for k in a)
     with pytest.raises(ValueError, match="storage_dtype"):
         save_checkpoint(tmp_path / "bad", model, storage_dtype="int8")
+
+
+def test_half_precision_keeps_a_converted_pose_basis_in_fp32(tmp_path, tokenizers):
+    """A pose basis fitted from trained (noisy) per-bin tables has large, cancelling terms:
+    those tensors stay fp32 in an fp16 checkpoint, so the pose logits survive packing."""
+    from safetensors import safe_open
+
+    image, text = tokenizers
+    table = _model(image.vocab_size, text.vocab_size)
+    with torch.no_grad():
+        table.tok_emb.weight.add_(torch.randn_like(table.tok_emb.weight) * 0.02)  # "trained"
+        for name in ("coords", "coords_next"):
+            table.heads[name].weight.add_(torch.randn_like(table.heads[name].weight) * 0.02)
+    model = _model(image.vocab_size, text.vocab_size, pose_basis=True)
+    model.load_state_dict(model.adapt_state_dict(table.state_dict()))
+    half = save_checkpoint(tmp_path / "fp16", model, image, text, storage_dtype="float16")
+    with safe_open(str(half / "model.safetensors"), "pt") as f:
+        assert f.get_slice("pose_value.weight").get_dtype() == "F32"
+        assert f.get_slice("encoder.0.attn.qkv.weight").get_dtype() == "F16"
+    batch = _batch(image.vocab_size, text.vocab_size)
+    with torch.no_grad():
+        (a, _), (b, _) = model.eval()(batch), load_checkpoint(half).model(batch)
+    for name in ("coords", "coords_next"):
+        if name in a:
+            assert torch.allclose(a[name], b[name], atol=1.0), (a[name] - b[name]).abs().max()  # 68+ in fp16
