@@ -53,13 +53,15 @@ if [ "$FINETUNE_MINUTES" != 0 ]; then  # second stage: the CPU fine-tune from th
     --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no training/train.py \
     --config configs/m2-tiny-finetune.yaml init_from="$FINAL" data_dir="$WORK/prepared" \
     output_dir="$WORK/finetune" time_budget="$FINETUNE_MINUTES"
-  FINAL="$WORK/finetune/final"
+  # early stopping after the fact: the kept checkpoint with the best validation forecast CE
+  m2 export --from "$WORK/finetune" --best val/ce_coords_next --out "$WORK/finetune/best"
+  FINAL="$WORK/finetune/best"
 fi
 # Half-precision storage keeps the bundle under 40 MB; loading restores fp32.
 python scripts/pack_checkpoint.py "$FINAL" "$CKPT" --dtype float16
 stage "m2 eval (test split)" 2 m2 eval --checkpoint "$CKPT" --data "$WORK/prepared" --out "$WORK/eval" \
   --split test --samples 256
 OMP_NUM_THREADS=2 python scripts/reproduce_check.py --checkpoint "$CKPT" --work "$WORK/repro"
-python scripts/plot_curves.py "$(dirname "$FINAL")" --out "$WORK/curves.png"
+python scripts/plot_curves.py "$WORK/$( [ "$FINETUNE_MINUTES" != 0 ] && echo finetune || echo run)" --out "$WORK/curves.png"
 python scripts/model_card.py --checkpoint "$CKPT" --work "$WORK" $( [ "$FINETUNE_MINUTES" != 0 ] && echo --stage1 "$WORK/run/final")
 OMP_NUM_THREADS=2 python scripts/readme_gif.py --checkpoint "$CKPT" --out docs/rollout.gif

@@ -87,7 +87,8 @@ def finetune_command(tcfg: dict) -> str:
               if tcfg.get("time_budget") else "")  # fmt: skip
     return (f"{budget}accelerate launch --cpu --num_processes 1 training/train.py --config configs/m2-tiny-finetune.yaml \\\n"
             f"    init_from=data/demo/run/final data_dir=data/demo/prepared output_dir=data/demo/finetune \\\n"
-            f"    total_tokens={tcfg['total_tokens']:.6g} warmup_tokens={tcfg['warmup_tokens']:.6g}")  # fmt: skip
+            f"    total_tokens={tcfg['total_tokens']:.6g} warmup_tokens={tcfg['warmup_tokens']:.6g}\n"
+            f"m2 export --from data/demo/finetune --best val/ce_coords_next --out data/demo/finetune/best")  # fmt: skip
 
 
 def _training_line(label: str, rows: list[dict], tcfg: dict) -> str:
@@ -103,6 +104,7 @@ def card(ckpt: Path, work: Path, history: str = "", stage1: Path | None = None) 
     times = _read(work / "times.json")
     repro = _read(ckpt / "reproduce.json")
     config = _read(ckpt / "config.json")
+
     def log_rows(run: str) -> list[dict]:
         return [json.loads(x) for x in (work / run / "logs" / "metrics.jsonl").read_text().splitlines() if x.strip()]  # fmt: skip
 
@@ -115,7 +117,9 @@ def card(ckpt: Path, work: Path, history: str = "", stage1: Path | None = None) 
         s1cfg = _read(stage1 / "config.json")["extra"]["training"]["config"]
         train_cmd = train_command(s1cfg) + "\n" + finetune_command(tcfg)
         training = (_training_line("Stage 1: ", log_rows("run"), s1cfg) + "\n"
-                    + _training_line("Stage 2 (fine-tune): ", log_rows("finetune"), tcfg))  # fmt: skip
+                    + _training_line("Stage 2 (fine-tune): ", log_rows("finetune"), tcfg)
+                    + f" The served weights are its step {config['extra']['training']['run']['steps']}, the kept"
+                    " checkpoint with the lowest validation `coords_next` CE (`m2 export --best`).")  # fmt: skip
     else:
         train_cmd = train_command(tcfg)
         training = _training_line("Training: ", log_rows("run"), tcfg)
@@ -138,7 +142,7 @@ m2 train-tokenizer --data data/demo/synth --out data/demo/tokenizer --config con
 m2 synth --out data/demo/synth --clips {meta["source"].get("synth", {}).get("clips", "?")} --seed 0 --workers 2 --resume
 m2 prepare --data data/demo/synth --tokenizer data/demo/tokenizer --out data/demo/prepared --hop {meta.get("hop", meta["stride"])}
 {train_cmd}
-python scripts/pack_checkpoint.py data/demo/{"finetune" if two else "run"}/final checkpoints/m2-demo --dtype float16
+python scripts/pack_checkpoint.py data/demo/{"finetune/best" if two else "run/final"} checkpoints/m2-demo --dtype float16
 m2 eval --checkpoint checkpoints/m2-demo --data data/demo/prepared --out data/demo/eval --split test --samples 256
 ```
 

@@ -155,11 +155,23 @@ def best_checkpoint(run: Path, metric: str) -> tuple[Path, float]:
         row = json.loads(line) if line.strip() else {}
         if metric in row:
             logged[int(row["step"])] = float(row[metric])
-    kept = {int(json.loads((c / "state.json").read_text())["step"]): c for c in list_checkpoints(run / "checkpoints")}
+    kept = {
+        int(json.loads((c / "state.json").read_text())["step"]): c
+        for c in list_checkpoints(run / "checkpoints")
+    }
     both = sorted(set(logged) & set(kept), key=lambda step: logged[step])
     if not both:
-        known = sorted({k for line in log_file.read_text().splitlines() if line.strip() for k in json.loads(line)})
-        raise ValueError(f"{run}: no kept checkpoint has {metric!r} logged at its step; logged keys: {known}")
+        known = sorted(
+            {
+                k
+                for line in log_file.read_text().splitlines()
+                if line.strip()
+                for k in json.loads(line)
+            }
+        )
+        raise ValueError(
+            f"{run}: no kept checkpoint has {metric!r} logged at its step; logged keys: {known}"
+        )
     return kept[both[0]], logged[both[0]]
 
 

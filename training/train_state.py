@@ -252,7 +252,9 @@ def load_initial_weights(path: str | Path, model: torch.nn.Module) -> list[str]:
     own = model.state_dict()
     unknown = sorted(set(stored) - set(own))
     if unknown:
-        raise TrainStateError(f"init_from={path}: the model has no {unknown[:5]} (another architecture?)")
+        raise TrainStateError(
+            f"init_from={path}: the model has no {unknown[:5]} (another architecture?)"
+        )
     for name, t in stored.items():
         if t.shape != own[name].shape:
             raise TrainStateError(

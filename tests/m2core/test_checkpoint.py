@@ -202,4 +202,6 @@ def test_half_precision_keeps_a_converted_pose_basis_in_fp32(tmp_path, tokenizer
         (a, _), (b, _) = model.eval()(batch), load_checkpoint(half).model(batch)
     for name in ("coords", "coords_next"):
         if name in a:
-            assert torch.allclose(a[name], b[name], atol=1.0), (a[name] - b[name]).abs().max()  # 68+ in fp16
+            assert torch.allclose(a[name], b[name], atol=1.0), (
+                (a[name] - b[name]).abs().max()
+            )  # 68+ in fp16

@@ -263,8 +263,15 @@ def test_shift_head_regresses_the_displacement():
         valid = batch["dec_valid"] & mod
         x = model.embed_queries(batch["dec_query"], batch["dec_mod"], batch["dec_pos"], None,
                                 batch["dec_prior"])  # fmt: skip
-        context, mask = model.encode(batch["enc_ids"], batch["enc_mod"], batch["enc_pos"], batch["enc_valid"])
-        h = model.decode(x, model.context_kv(context), mask, model.target_mask(batch["dec_mod"], batch["dec_valid"]))
+        context, mask = model.encode(
+            batch["enc_ids"], batch["enc_mod"], batch["enc_pos"], batch["enc_valid"]
+        )
+        h = model.decode(
+            x,
+            model.context_kv(context),
+            mask,
+            model.target_mask(batch["dec_mod"], batch["dec_valid"]),
+        )
         mu = head(h[valid])[:, 0] * _SHIFT_GAIN * _SHIFT_UNIT
     y = batch["dec_labels"][valid]
     prior = batch["dec_prior"][valid]

@@ -250,28 +250,47 @@ def test_init_from_starts_a_run_from_another_runs_weights(prepared, tmp_path):
         {**json.loads((first.final_dir / "config.json").read_text())["model"], "pose_shift": True, "pose_basis": True}))  # fmt: skip
     fresh = ts.load_initial_weights(first.final_dir, grown)
     assert fresh == ["shift_heads.coords_next.bias", "shift_heads.coords_next.weight"]
-    with pytest.raises(ts.TrainStateError, match="no model.safetensors"):
+    with pytest.raises(ts.TrainStateError, match=r"no model\.safetensors"):
         ts.load_initial_weights(tmp_path, grown)
     wide = {**TINY["model"], "dim": 48, "heads": 2}
-    with pytest.raises(ValueError, match="init_from=.*is \\("):
+    with pytest.raises(ValueError, match=r"init_from=.*is \("):
         train({**cfg, "output_dir": str(tmp_path / "c"), "model": wide})
 
 
-def test_m2_export_best_picks_the_checkpoint_with_the_lowest_validation_metric(prepared, tmp_path, capsys):
+def test_m2_export_best_picks_the_checkpoint_with_the_lowest_validation_metric(
+    prepared, tmp_path, capsys
+):
     """--best METRIC: early stopping after the fact, among the checkpoints the run kept."""
     from training.export import best_checkpoint
     from training.export import main as export_main
 
-    cfg = {**TINY, "data_dir": str(prepared), "output_dir": str(tmp_path / "r"), "checkpoint_interval": "768"}
+    cfg = {
+        **TINY,
+        "data_dir": str(prepared),
+        "output_dir": str(tmp_path / "r"),
+        "checkpoint_interval": "768",
+    }
     train(cfg)
-    rows = [json.loads(r) for r in (tmp_path / "r" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(r) for r in (tmp_path / "r" / "logs" / "metrics.jsonl").read_text().splitlines()
+    ]
     val = {r["step"]: r["val/ce_mean"] for r in rows if "val/ce_mean" in r}
     assert sorted(val) == [3, 6]
     best = min(val, key=val.get)
     path, value = best_checkpoint(tmp_path / "r", "val/ce_mean")
     assert path.name == ts.checkpoint_name(best) and value == pytest.approx(val[best])
-    assert export_main(["--from", str(tmp_path / "r"), "--best", "val/ce_mean", "--out", str(tmp_path / "s")]) == 0
+    assert (
+        export_main(
+            ["--from", str(tmp_path / "r"), "--best", "val/ce_mean", "--out", str(tmp_path / "s")]
+        )
+        == 0
+    )
     assert ts.checkpoint_name(best) in capsys.readouterr().out
     assert (tmp_path / "s" / "model.safetensors").is_file()
-    assert export_main(["--from", str(tmp_path / "r"), "--best", "val/nope", "--out", str(tmp_path / "x")]) == 2
+    assert (
+        export_main(
+            ["--from", str(tmp_path / "r"), "--best", "val/nope", "--out", str(tmp_path / "x")]
+        )
+        == 2
+    )
     assert "no kept checkpoint has 'val/nope'" in capsys.readouterr().err
