@@ -326,9 +326,10 @@ class M2Model(nn.Module):
         x = self.tok_emb(ids + self.tok_offset[mod])
         if self.pose_value is None:
             return x
-        coord = self.mod_is_pose[mod] & (ids < POSE_BINS)
-        value = self.pose_value(self.bin_feats[ids.clamp(0, POSE_BINS - 1)]).to(x.dtype)
-        return torch.where(coord[..., None], value, x)
+        # only the pose coordinate slots (39 of a frame's ~330 inputs) go through the basis
+        coord = self.mod_is_pose[mod] & (ids < POSE_BINS) & (ids >= 0)
+        x[coord] = self.pose_value(self.bin_feats[ids[coord]]).to(x.dtype)
+        return x
 
     def pose_logits(self, name: str, h: Tensor) -> Tensor:
         """(n, D) -> (n, POSE_BINS + 2) logits of a pose head (coordinate bins, then flags)."""

@@ -46,7 +46,7 @@ else
     --num_machines 1 --mixed_precision no --dynamo_backend no training/train.py --config configs/m2-tiny.yaml \
     data_dir="$WORK/prepared" output_dir="$WORK/run"
 fi
-FINAL="$WORK/run/final"
+FINAL="$WORK/run/final" CURVES="$WORK/run" CARD_ARGS=()
 FINETUNE_MINUTES=${FINETUNE_MINUTES:-45}
 if [ "$FINETUNE_MINUTES" != 0 ]; then  # second stage: the CPU fine-tune from the first one's weights
   stage "accelerate launch training/train.py (CPU fine-tune, ${FINETUNE_MINUTES} min)" 2 accelerate launch --cpu \
@@ -55,13 +55,13 @@ if [ "$FINETUNE_MINUTES" != 0 ]; then  # second stage: the CPU fine-tune from th
     output_dir="$WORK/finetune" time_budget="$FINETUNE_MINUTES"
   # early stopping after the fact: the kept checkpoint with the best validation forecast CE
   m2 export --from "$WORK/finetune" --best val/ce_coords_next --out "$WORK/finetune/best"
-  FINAL="$WORK/finetune/best"
+  FINAL="$WORK/finetune/best" CURVES="$WORK/finetune" CARD_ARGS=(--stage1 "$WORK/run/final")
 fi
 # Half-precision storage keeps the bundle under 40 MB; loading restores fp32.
 python scripts/pack_checkpoint.py "$FINAL" "$CKPT" --dtype float16
 stage "m2 eval (test split)" 2 m2 eval --checkpoint "$CKPT" --data "$WORK/prepared" --out "$WORK/eval" \
   --split test --samples 256
 OMP_NUM_THREADS=2 python scripts/reproduce_check.py --checkpoint "$CKPT" --work "$WORK/repro"
-python scripts/plot_curves.py "$WORK/$( [ "$FINETUNE_MINUTES" != 0 ] && echo finetune || echo run)" --out "$WORK/curves.png"
-python scripts/model_card.py --checkpoint "$CKPT" --work "$WORK" $( [ "$FINETUNE_MINUTES" != 0 ] && echo --stage1 "$WORK/run/final")
+python scripts/plot_curves.py "$CURVES" --out "$WORK/curves.png"
+python scripts/model_card.py --checkpoint "$CKPT" --work "$WORK" "${CARD_ARGS[@]}"
 OMP_NUM_THREADS=2 python scripts/readme_gif.py --checkpoint "$CKPT" --out docs/rollout.gif

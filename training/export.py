@@ -145,34 +145,22 @@ def export_training_checkpoint(path: Path, out: Path, data_dir: Path | None = No
 def best_checkpoint(run: Path, metric: str) -> tuple[Path, float]:
     """The kept checkpoint of `run` whose step logged the lowest `metric` in
     logs/metrics.jsonl -> (its directory, the value)."""
-    from training.train_state import list_checkpoints
+    from training.train_state import checkpoint_name, list_checkpoints
 
     log_file = run / "logs" / "metrics.jsonl"
     if not log_file.is_file():
         raise FileNotFoundError(f"{run}: no logs/metrics.jsonl (--best needs a run directory)")
-    logged = {}
-    for line in log_file.read_text().splitlines():
-        row = json.loads(line) if line.strip() else {}
-        if metric in row:
-            logged[int(row["step"])] = float(row[metric])
-    kept = {
-        int(json.loads((c / "state.json").read_text())["step"]): c
-        for c in list_checkpoints(run / "checkpoints")
-    }
-    both = sorted(set(logged) & set(kept), key=lambda step: logged[step])
-    if not both:
-        known = sorted(
-            {
-                k
-                for line in log_file.read_text().splitlines()
-                if line.strip()
-                for k in json.loads(line)
-            }
-        )
+    rows = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
+    kept = {c.name: c for c in list_checkpoints(run / "checkpoints")}
+    found = [(float(r[metric]), kept[checkpoint_name(int(r["step"]))])
+             for r in rows if metric in r and checkpoint_name(int(r["step"])) in kept]  # fmt: skip
+    if not found:
+        known = sorted({k for r in rows for k in r})
         raise ValueError(
             f"{run}: no kept checkpoint has {metric!r} logged at its step; logged keys: {known}"
         )
-    return kept[both[0]], logged[both[0]]
+    value, path = min(found, key=lambda f: f[0])
+    return path, value
 
 
 def main(argv: list[str] | None = None) -> int:
