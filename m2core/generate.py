@@ -194,9 +194,11 @@ def decode_caption(
     gens: list[torch.Generator],
     return_logits: bool = False,
     pos_table: Tensor | None = None,
+    caption_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Autoregressive caption from an encoded context -> (ids (B, L) bos/pad-free layout:
-    position 1.. of the caption, pad after eos; logits (B, L, V) per step or None)."""
+    position 1.. of the caption, pad after eos; logits (B, L, V) per step or None).
+    `caption_bias`: `model.caption_bias` of the same encoder inputs (pose_context models)."""
     reg = model.config.registry()
     table = model.pos_table() if pos_table is None else pos_table
     B, device = context.shape[0], context.device
@@ -212,11 +214,11 @@ def decode_caption(
     for t in range(max_new):
         if cfg.kv_cache:  # one new query; self-attention reads the cache
             q, p = queries[:, t : t + 1], torch.full((B, 1), t + 1, device=device)
-            x = model.embed_queries(q, torch.full_like(q, cap), p, table)
+            x = model.embed_queries(q, torch.full_like(q, cap), p, table, None, caption_bias)
             h = model.decode(x, kv, cross_mask, caches=caches)[:, -1]
         else:  # the whole prefix again, cross-attention keys/values included
             q, p = queries[:, : t + 1], torch.arange(1, t + 2, device=device).expand(B, t + 1)
-            x = model.embed_queries(q, torch.full_like(q, cap), p, table)
+            x = model.embed_queries(q, torch.full_like(q, cap), p, table, None, caption_bias)
             h = model.decode(x, model.context_kv(context), cross_mask, is_causal=True)[:, -1]
         logits = model.heads["captions"](h).float()  # (B, V)
         logits[:, [PAD_ID, BOS_ID]] = float("-inf")
@@ -331,10 +333,10 @@ def generate(
         )
         coords = torch.where(has_coords[:, None], coords, gen)
     if not bool(has_caps.all()):  # captions <- tok_rgb, coords
-        ctx, mask = context(
-            {"tok_rgb": rgb_in, "coords": (coords, torch.ones_like(coords, dtype=torch.bool))}
-        )
-        gen, _ = timed("captions", decode_caption, model, ctx, mask, cfg, gens, False, table)
+        known = {"tok_rgb": rgb_in, "coords": (coords, torch.ones_like(coords, dtype=torch.bool))}
+        ctx, mask = context(known)
+        bias = model.caption_bias(*_pack(model, known))
+        gen, _ = timed("captions", decode_caption, model, ctx, mask, cfg, gens, False, table, bias)
         gen = torch.cat([torch.full((B, 1), BOS_ID, device=device), gen], 1)
         gen = torch.nn.functional.pad(gen, (0, L - gen.shape[1]), value=PAD_ID)
         caps = torch.where(has_caps[:, None], caps, gen)

@@ -33,6 +33,7 @@ target_budget; slots grouped by modality in registry order, then padding):
 | dec_mod, dec_pos, dec_valid | (B, T) | as for inputs |
 | dec_labels | (B, T) int64 | target id, or -100 (padding / revealed: no loss) |
 | dec_prior | (B, T) int64 | for `coords_next` / `tok_rgb_next` targets: the present token at that position (`coords` joint/component, `tok_rgb` cell), else -1 |
+| action | (B,) int64 | only when the raw samples carry it: the clip's action id (-1 = unknown) |
 
 Per-sample cost is tens of microseconds (bench/bench_model.py measures it).
 """
@@ -50,6 +51,9 @@ import torch
 from m2core.modalities import build_registry
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+# Per-sample labels that are not modalities: passed through to the batch as one int64 each
+# (`action`: the clip's action id, for the model's auxiliary action head; -1 = unknown).
+LABELS = ("action",)
 IGNORE = -100
 _REG = build_registry()  # names, kinds and order only; sizes come from the arrays
 _NAMES = tuple(_REG)
@@ -195,9 +199,10 @@ def mask_sample(
 ) -> dict[str, np.ndarray]:
     """One sample -> the fixed-size input / target slots of the batch format above."""
     for name in sample:
-        if name not in _REG:
+        if name not in _REG and name not in LABELS:
             raise ValueError(f"sample has unknown modality {name!r}; known: {list(_NAMES)}")
     names = [n for n in _NAMES if n in sample]
+    extra = {k: np.asarray(sample[k], dtype=np.int64) for k in LABELS if k in sample}
     ids = {n: np.asarray(sample[n], dtype=np.int64) for n in names}
     eligible = {n: _eligible(n, ids[n]) for n in names}
     avail = np.array([len(eligible[n]) for n in names], dtype=np.int64)
@@ -253,7 +258,7 @@ def mask_sample(
         i, t = i + k_in, t + k_t
     out["enc_valid"][:i] = True
     out["dec_valid"][:t] = True
-    return out
+    return {**out, **extra}
 
 
 def collate(samples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, torch.Tensor]:

@@ -30,7 +30,7 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,7 @@ from m2core.modalities import (
 
 log = logging.getLogger(__name__)
 
+ACTION_LOSS_WEIGHT = 0.25  # of the auxiliary action head's CE, beside the modalities' mean CE
 IGNORE = -100  # label of a slot without loss (padding, or a revealed MaskGIT token)
 # The present modality whose token at the same position (pose: same joint and component)
 # is the prior of a future modality's query (see M2Config.present_prior).
@@ -108,6 +109,19 @@ class M2Config:
     # embeddings had drifted apart (cosine 0.99 at init, 0.66 after the demo run) and the
     # model read skeletons badly. A checkpoint with tables converts (`adapt_state_dict`).
     pose_basis: bool = False
+    # Every input skeleton token also gets one vector computed from the whole input
+    # skeleton, normalised to its own box (joints relative to their centre, divided by the
+    # skeleton's extent): a small MLP over 13 joints x (x, y, flags). The action and phase
+    # of a pose are a function of its shape, not of where the person stands; one token per
+    # coordinate made the transformer work that out from absolute bins, and it named the
+    # action from the true skeleton for only ~40% of frames (nearest neighbours on the
+    # normalised skeleton: 98.6%). Zero-initialised: switching it on changes nothing yet.
+    pose_context: bool = False
+    # An auxiliary head on the pose context's hidden layer classifies the clip's action
+    # (`action` ids of the prepared data; Penn Action and m2 synth both label every clip):
+    # the caption's few action words alone teach the context slowly (the caption decoder
+    # must first learn to look for it). 0 = no head. Needs pose_context.
+    action_classes: int = 0
 
     def __post_init__(self) -> None:
         for name in ("dim", "enc_layers", "dec_layers", "heads", "input_tokens", "target_tokens"):
@@ -117,6 +131,10 @@ class M2Config:
             raise ValueError(f"M2Config.dim={self.dim} must split into {self.heads} even heads")
         if self.dim % 4:
             raise ValueError(f"M2Config.dim={self.dim} must be divisible by 4 (2D positions)")
+        if self.action_classes < 0 or (self.action_classes and not self.pose_context):
+            raise ValueError(
+                f"M2Config.action_classes={self.action_classes} needs pose_context=true and >= 0"
+            )
         self.registry()  # validates the vocabulary sizes
 
     @classmethod
@@ -168,6 +186,10 @@ class M2Model(nn.Module):
     # (adapt_state_dict) is a least-squares fit whose large terms cancel, and fp16 rounding
     # of them moved pose logits by hundreds.
     FULL_PRECISION = ("pose_value.", "pose_head_basis.")
+    # Learning-rate factors by parameter name prefix (training/train.py param_groups): the
+    # pose context's zero-initialised output layer, so that the transformer starts reading
+    # the (warm-started, training/pose_context.py) context within a few hundred steps.
+    LR_SCALE: ClassVar[dict[str, float]] = {"pose_context.2.": 10.0, "caption_context.": 10.0}
 
     def __init__(self, config: M2Config):
         super().__init__()
@@ -260,6 +282,16 @@ class M2Model(nn.Module):
         self.shift_heads = nn.ModuleDict(
             {n: nn.Linear(D, 2) for n in self.offset_heads} if config.pose_shift else {}
         )
+        self.pose_context = (
+            nn.Sequential(nn.Linear(_CONTEXT_FEATURES, D), nn.GELU(), nn.Linear(D, D))
+            if config.pose_context
+            else None
+        )
+        self.action_head = nn.Linear(D, config.action_classes) if config.action_classes else None
+        # ... and the same hidden layer, through its own zero-initialised map, is added to
+        # every caption query: the caption decoder gets the skeleton's shape (and so its
+        # action) in its residual stream instead of having to learn where to look for it
+        self.caption_context = nn.Linear(D, D) if config.pose_context else None
         self._init_weights()
         log.info("M2Model %s: %.2fM parameters", config.preset, self.num_params() / 1e6)
 
@@ -282,6 +314,16 @@ class M2Model(nn.Module):
             return
         for head in self.offset_heads.values():
             nn.init.zeros_(head.weight)
+        if self.pose_context is not None:
+            # the features are O(1): a unit-variance hidden layer (at the transformer's 0.02
+            # the action head sat at chance for the first hundred steps), a zero output
+            first, last = self.pose_context[0], self.pose_context[2]
+            nn.init.normal_(first.weight, std=first.in_features**-0.5)
+            for layer in (first, last):
+                nn.init.zeros_(layer.bias)
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(self.caption_context.weight)
+            nn.init.zeros_(self.caption_context.bias)
         for head in self.shift_heads.values():  # mu = 0, b = _SHIFT_SCALE0
             nn.init.zeros_(head.weight)
             head.bias.data.copy_(
@@ -372,9 +414,22 @@ class M2Model(nn.Module):
             key_mask = (valid | (first & ~valid.any(1, keepdim=True)))[:, None, None, :]
         pe = self.embed_positions(mod, pos, table)
         x = self.embed_tokens(ids, mod) + pe  # (B, N, D)
+        if self.pose_context is not None:
+            is_coords = valid & (mod == self.names.index("coords"))
+            summary = self.pose_context(skeleton_features(ids, pos, is_coords)).to(x.dtype)
+            x = x + summary[:, None] * is_coords[..., None]
         for block in self.encoder:
             x = block(x, key_mask)
         return self.ctx_proj(self.enc_norm(x)) + pe, key_mask
+
+    def caption_bias(self, ids: Tensor, mod: Tensor, pos: Tensor, valid: Tensor) -> Tensor | None:
+        """(B, D) vector added to every caption query, from the input skeleton (the encoder
+        slots as `encode` takes them); None without pose_context."""
+        if self.caption_context is None:
+            return None
+        is_coords = valid & (mod == self.names.index("coords"))
+        hidden = self.pose_context[:2](skeleton_features(ids, pos, is_coords))
+        return self.caption_context(hidden) * is_coords.any(1, keepdim=True)
 
     def context_kv(self, context: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Cross-attention keys/values of every decoder layer (computed once per context)."""
@@ -387,12 +442,17 @@ class M2Model(nn.Module):
         pos: Tensor,
         table: Tensor | None = None,
         prior: Tensor | None = None,
+        caption_bias: Tensor | None = None,
     ) -> Tensor:
         """Decoder queries: mask token where query == -1, else that token's embedding;
-        plus, where prior >= 0, the embedding of the present token at that position."""
+        plus, where prior >= 0, the embedding of the present token at that position; plus,
+        on caption queries, `caption_bias` (B, D) when given."""
         tok = self.embed_tokens(query.clamp(min=0), mod)
         tok = torch.where((query >= 0)[..., None], tok, self.mask_token.to(tok.dtype))
         x = tok + self.embed_positions(mod, pos, table)
+        if caption_bias is not None:
+            is_caption = (mod == self.names.index("captions"))[..., None]
+            x = x + caption_bias[:, None].to(x.dtype) * is_caption
         if prior is not None and self.config.present_prior:
             present = self.embed_tokens(prior.clamp(min=0), self.prior_src[mod])
             x = x + torch.where((prior >= 0)[..., None], present, 0.0)
@@ -469,11 +529,15 @@ class M2Model(nn.Module):
         )
         mod, valid = batch["dec_mod"], batch["dec_valid"]
         prior = batch.get("dec_prior")
-        x = self.embed_queries(batch["dec_query"], mod, batch["dec_pos"], table, prior)
+        bias = self.caption_bias(
+            batch["enc_ids"], batch["enc_mod"], batch["enc_pos"], batch["enc_valid"]
+        )
+        x = self.embed_queries(batch["dec_query"], mod, batch["dec_pos"], table, prior, bias)
         h = self.decode(x, self.context_kv(context), cross_mask, self.target_mask(mod, valid))
         labels = batch.get("dec_labels")
         logits: dict[str, Tensor] = {}
         losses = []
+        action_ce = self._action_loss(batch, logits) if labels is not None else None
         # One matmul per head: a python loop over <= 5 modalities, each a gather of its slots.
         for name in self.target_names:
             sel = (valid & (mod == self.names.index(name))).flatten().nonzero().squeeze(1)
@@ -496,7 +560,29 @@ class M2Model(nn.Module):
         if labels is not None and losses:
             total = sum(ce * has for ce, has in losses)
             loss = total / sum(has for _, has in losses).clamp(min=1)
+        if action_ce is not None:
+            loss = ACTION_LOSS_WEIGHT * action_ce + (0.0 if loss is None else loss)
         return logits, loss
+
+    def _action_loss(self, batch: dict[str, Tensor], logits: dict[str, Tensor]) -> Tensor | None:
+        """Cross-entropy of the action head over the samples with skeleton inputs and an
+        action label (`batch["action"]`, -1 = none); its logits go to logits["action"]."""
+        action = batch.get("action")
+        if self.action_head is None or action is None:
+            return None
+        ids, pos = batch["enc_ids"], batch["enc_pos"]
+        is_coords = batch["enc_valid"] & (batch["enc_mod"] == self.names.index("coords"))
+        has = action_rows(batch, self.names).nonzero().squeeze(1)
+        if has.numel() == 0:
+            return None
+        if int(action.max()) >= self.config.action_classes:
+            raise ValueError(
+                f"action id {int(action.max())} >= action_classes={self.config.action_classes}"
+            )
+        feats = skeleton_features(ids[has], pos[has], is_coords[has])
+        out = self.action_head(self.pose_context[:2](feats))  # from the hidden layer
+        logits["action"] = out
+        return F.cross_entropy(out.float(), action[has])
 
     # --- Accounting ------------------------------------------------------------------
     def param_counts(self) -> dict[str, int]:
@@ -507,7 +593,9 @@ class M2Model(nn.Module):
                 count["encoder"] += p.numel()
             elif name.startswith(("decoder.", "dec_norm")):
                 count["decoder"] += p.numel()
-            elif name.startswith(("heads.", "offset_heads.", "shift_heads.", "pose_head_basis.")):
+            elif name.startswith(
+                ("heads.", "offset_heads.", "shift_heads.", "pose_head_basis.", "action_head.")
+            ):
                 count["heads"] += p.numel()
             else:
                 count["embeddings"] += p.numel()
@@ -555,6 +643,43 @@ class M2Model(nn.Module):
             {"params": decay, "weight_decay": weight_decay},
             {"params": rest, "weight_decay": 0.0},
         ]
+
+
+def action_rows(batch: dict[str, Tensor], names: tuple[str, ...]) -> Tensor:
+    """(B,) bool: the samples the action head scores (a skeleton token among the inputs,
+    and an action label)."""
+    is_coords = batch["enc_valid"] & (batch["enc_mod"] == names.index("coords"))
+    return is_coords.any(1) & (batch["action"] >= 0)
+
+
+def skeleton_features(ids: Tensor, pos: Tensor, is_coords: Tensor) -> Tensor:
+    """(B, N) input ids / positions, and which slots are `coords` tokens -> (B, 81) features
+    of each sample's input skeleton: per joint x, y relative to the centre of the placed
+    joints over their extent (0 where absent), has-x, has-y, visible, has-flag; then the
+    centre (x, y) and log extent. Joints without a coordinate, or flagged not visible, do not
+    place the centre. Masked-out slots count as absent, so a partial skeleton works too."""
+    B = ids.shape[0]
+    dense = torch.full((B, TOKENS_PER_POSE + 1), -1, dtype=ids.dtype, device=ids.device)
+    dense.scatter_(1, torch.where(is_coords, pos, TOKENS_PER_POSE), torch.where(is_coords, ids, -1))
+    dense = dense[:, :TOKENS_PER_POSE].view(B, NUM_JOINTS, 3)
+    xy, flag = dense[..., :2], dense[..., 2]
+    has_xy = (xy >= 0) & (xy < POSE_BINS)
+    has_flag = flag >= POSE_BINS
+    visible = flag == POSE_BINS + 1
+    value = (xy.float() + 0.5) / POSE_BINS
+    place = (has_xy.all(-1) & (visible | ~has_flag))[..., None]  # (B, 13, 1)
+    n = place.sum(1).clamp(min=1)
+    centre = (value * place).sum(1) / n  # (B, 2)
+    hi = torch.where(place, value, -1.0).amax(1)
+    lo = torch.where(place, value, 2.0).amin(1)
+    extent = (hi - lo).amax(-1, keepdim=True).clamp(min=0.02)  # (B, 1); 0.02: 5 pixels
+    rel = (value - centre[:, None]) / extent[:, None] * has_xy
+    flags = torch.stack([visible, has_flag], -1).float()
+    per_joint = torch.cat([rel, has_xy.float(), flags], -1).flatten(1)  # (B, 13 * 6)
+    return torch.cat([per_joint, centre, extent.log()], 1)
+
+
+_CONTEXT_FEATURES = NUM_JOINTS * 6 + 3
 
 
 def _offsets(sizes: list[int]) -> Tensor:

@@ -2,10 +2,11 @@
 # Reproduce checkpoints/m2-demo end to end with the repo's own commands.
 #   WORK=data/demo bash scripts/make_demo.sh            # model trained on this machine's CPU
 #   WORK=data/demo GPU_MINUTES=3.2 bash scripts/make_demo.sh  # on one GPU, for that long
-# The bundled checkpoint was trained in two stages (checkpoints/m2-demo/MODEL_CARD.md has the
-# times of every stage): 3.2 minutes on one H100, then a 45-minute fine-tune on a 2-core CPU
-# (configs/m2-tiny-finetune.yaml). Without a GPU the first stage runs on the CPU and gives a
-# far weaker model in an hour. FINETUNE_MINUTES=0 skips the second stage.
+# The bundled checkpoint was trained in three stages (checkpoints/m2-demo/MODEL_CARD.md has
+# the times of every stage): 3.2 minutes on one H100, then two 45-minute fine-tunes on a
+# 2-core CPU (configs/m2-tiny-finetune.yaml, configs/m2-tiny-finetune-context.yaml). Without
+# a GPU the first stage runs on the CPU and gives a far weaker model in an hour.
+# FINETUNE_MINUTES=0 skips both fine-tunes, CONTEXT_MINUTES=0 the third stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-data/demo}
@@ -55,7 +56,16 @@ if [ "$FINETUNE_MINUTES" != 0 ]; then  # second stage: the CPU fine-tune from th
     output_dir="$WORK/finetune" time_budget="$FINETUNE_MINUTES"
   # early stopping after the fact: the kept checkpoint with the best validation forecast CE
   m2 export --from "$WORK/finetune" --best val/ce_coords_next --out "$WORK/finetune/best"
-  FINAL="$WORK/finetune/best" CURVES="$WORK/finetune" CARD_ARGS=(--stage1 "$WORK/run/final")
+  FINAL="$WORK/finetune/best" CURVES="$WORK/finetune" CARD_ARGS=(--earlier "$WORK/run/final")
+fi
+CONTEXT_MINUTES=${CONTEXT_MINUTES:-45}
+if [ "$FINETUNE_MINUTES" != 0 ] && [ "$CONTEXT_MINUTES" != 0 ]; then  # third stage: the pose context
+  stage "accelerate launch training/train.py (CPU fine-tune with the pose context, ${CONTEXT_MINUTES} min)" 2 \
+    accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+    training/train.py --config configs/m2-tiny-finetune-context.yaml init_from="$FINAL" \
+    data_dir="$WORK/prepared" output_dir="$WORK/finetune2" time_budget="$CONTEXT_MINUTES"
+  m2 export --from "$WORK/finetune2" --best val/ce_mean --out "$WORK/finetune2/best"
+  FINAL="$WORK/finetune2/best" CURVES="$WORK/finetune2" CARD_ARGS=(--earlier "$WORK/run/final" "$WORK/finetune/best")
 fi
 # Half-precision storage keeps the bundle under 40 MB; loading restores fp32.
 python scripts/pack_checkpoint.py "$FINAL" "$CKPT" --dtype float16

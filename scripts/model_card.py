@@ -4,8 +4,9 @@
 
 Reads (all written by the repo's own commands, see scripts/make_demo.sh):
 `WORK/eval/report.json` (m2 eval on the held-out test clips), `WORK/tokenizer/metrics.json`
-(m2 train-tokenizer), `WORK/run/logs/metrics.jsonl` (training; `WORK/finetune/logs/` when
-there was a fine-tune stage, with `--stage1` the checkpoint it started from), `WORK/prepared/meta.json`
+(m2 train-tokenizer), `WORK/run/logs/metrics.jsonl` (training; `WORK/finetune/logs/`,
+`WORK/finetune2/logs/` for the fine-tune stages, with `--earlier` the checkpoints each stage
+served), `WORK/prepared/meta.json`
 (m2 prepare), `WORK/times.json` (stage wall times, written by make_demo.sh) and the
 checkpoint's `reproduce.json` (the small held-out set the tests re-evaluate).
 """
@@ -81,14 +82,24 @@ def train_command(tcfg: dict) -> str:
             f"    --config configs/m2-tiny.yaml data_dir=data/demo/prepared output_dir=data/demo/run \\\n    {args}")  # fmt: skip
 
 
-def finetune_command(tcfg: dict) -> str:
-    """The second stage's command line: configs/m2-tiny-finetune.yaml from the first's weights."""
+# The fine-tune stages of scripts/make_demo.sh after the first training stage, in order:
+# (config, WORK folder, the metric `m2 export --best` picks the served step by).
+FINETUNES: tuple[tuple[str, str, str], ...] = (
+    ("configs/m2-tiny-finetune.yaml", "finetune", "val/ce_coords_next"),
+    ("configs/m2-tiny-finetune-context.yaml", "finetune2", "val/ce_mean"),
+)
+
+
+def finetune_command(tcfg: dict, k: int) -> str:
+    """Fine-tune stage k's (0 = the second stage) command line, from the previous weights."""
+    config, folder, metric = FINETUNES[k]
+    start = "data/demo/run/final" if k == 0 else f"data/demo/{FINETUNES[k - 1][1]}/best"
     budget = (f"  # as run: time_budget={tcfg['time_budget']} chose total_tokens={tcfg['total_tokens']:.6g}\n"
               if tcfg.get("time_budget") else "")  # fmt: skip
-    return (f"{budget}accelerate launch --cpu --num_processes 1 training/train.py --config configs/m2-tiny-finetune.yaml \\\n"
-            f"    init_from=data/demo/run/final data_dir=data/demo/prepared output_dir=data/demo/finetune \\\n"
+    return (f"{budget}accelerate launch --cpu --num_processes 1 training/train.py --config {config} \\\n"
+            f"    init_from={start} data_dir=data/demo/prepared output_dir=data/demo/{folder} \\\n"
             f"    total_tokens={tcfg['total_tokens']:.6g} warmup_tokens={tcfg['warmup_tokens']:.6g}\n"
-            f"m2 export --from data/demo/finetune --best val/ce_coords_next --out data/demo/finetune/best")  # fmt: skip
+            f"m2 export --from data/demo/{folder} --best {metric} --out data/demo/{folder}/best")  # fmt: skip
 
 
 def _training_line(label: str, rows: list[dict], tcfg: dict) -> str:
@@ -97,7 +108,9 @@ def _training_line(label: str, rows: list[dict], tcfg: dict) -> str:
             f"validation CE (masked, mean) {_last(rows, 'val/ce_mean') or float('nan'):.3f}.")  # fmt: skip
 
 
-def card(ckpt: Path, work: Path, history: str = "", stage1: Path | None = None) -> str:
+def card(ckpt: Path, work: Path, history: str = "", earlier: list[Path] | None = None) -> str:
+    """`earlier`: the serving checkpoints of the stages before the last (WORK/run/final,
+    then WORK/finetune/best, ...); none = one training stage."""
     report = _read(work / "eval" / "report.json")
     tok = _read(work / "tokenizer" / "metrics.json")["held_out"]
     meta = _read(work / "prepared" / "meta.json")
@@ -108,21 +121,26 @@ def card(ckpt: Path, work: Path, history: str = "", stage1: Path | None = None) 
     def log_rows(run: str) -> list[dict]:
         return [json.loads(x) for x in (work / run / "logs" / "metrics.jsonl").read_text().splitlines() if x.strip()]  # fmt: skip
 
-    two = stage1 is not None
+    earlier = list(earlier or [])
+    if len(earlier) > len(FINETUNES):
+        raise KeyError(f"{len(earlier) + 1} stages, but model_card knows {len(FINETUNES) + 1}")
     cn, zv = report["coords_next"], report["coords_next"]["zero_velocity"]
     size = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
     counts = ", ".join(f"{s} {c['samples']} samples / {c['clips']} clips" for s, c in meta["counts"].items())  # fmt: skip
     tcfg = config.get("extra", {}).get("training", {}).get("config", {})
-    if two:
-        s1cfg = _read(stage1 / "config.json")["extra"]["training"]["config"]
-        train_cmd = train_command(s1cfg) + "\n" + finetune_command(tcfg)
-        training = (_training_line("Stage 1: ", log_rows("run"), s1cfg) + "\n"
-                    + _training_line("Stage 2 (fine-tune): ", log_rows("finetune"), tcfg)
-                    + f" The served weights are its step {config['extra']['training']['run']['steps']}, the kept"
-                    " checkpoint with the lowest validation `coords_next` CE (`m2 export --best`).")  # fmt: skip
-    else:
-        train_cmd = train_command(tcfg)
-        training = _training_line("Training: ", log_rows("run"), tcfg)
+    # each stage's training config: the earlier checkpoints', then the served one's
+    cfgs = [_read(e / "config.json")["extra"]["training"]["config"] for e in earlier] + [tcfg]
+    train_cmd = "\n".join(
+        [train_command(cfgs[0])] + [finetune_command(c, k) for k, c in enumerate(cfgs[1:])]
+    )
+    training = _training_line("Stage 1: " if earlier else "Training: ", log_rows("run"), cfgs[0])
+    for k, c in enumerate(cfgs[1:]):
+        folder, metric = FINETUNES[k][1], FINETUNES[k][2]
+        ck = config if k == len(earlier) - 1 else _read(earlier[k + 1] / "config.json")
+        training += ("\n" + _training_line(f"Stage {k + 2} (fine-tune): ", log_rows(folder), c)
+                     + f" Its served weights are step {ck['extra']['training']['run']['steps']}, the kept"
+                     f" checkpoint with the lowest `{metric}` (`m2 export --best`).")  # fmt: skip
+    last = f"{FINETUNES[len(earlier) - 1][1]}/best" if earlier else "run/final"
     stage = "\n".join(f"| {k} | {v / 60:.1f} min |" for k, v in times.items() if k != "machine")
     return f"""# M2 demo checkpoint (`m2-tiny`)
 
@@ -142,7 +160,7 @@ m2 train-tokenizer --data data/demo/synth --out data/demo/tokenizer --config con
 m2 synth --out data/demo/synth --clips {meta["source"].get("synth", {}).get("clips", "?")} --seed 0 --workers 2 --resume
 m2 prepare --data data/demo/synth --tokenizer data/demo/tokenizer --out data/demo/prepared --hop {meta.get("hop", meta["stride"])}
 {train_cmd}
-python scripts/pack_checkpoint.py data/demo/{"finetune/best" if two else "run/final"} checkpoints/m2-demo --dtype float16
+python scripts/pack_checkpoint.py data/demo/{last} checkpoints/m2-demo --dtype float16
 m2 eval --checkpoint checkpoints/m2-demo --data data/demo/prepared --out data/demo/eval --split test --samples 256
 ```
 
@@ -211,11 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", type=Path, required=True)
     ap.add_argument("--work", type=Path, required=True, help="folder make_demo.sh worked in")
     ap.add_argument("--history", default="", help="a paragraph on how this checkpoint came about")
-    ap.add_argument("--stage1", type=Path, default=None,
-                    help="the serving checkpoint a fine-tune stage started from (WORK/run/final)")  # fmt: skip
+    ap.add_argument("--earlier", type=Path, nargs="+", default=None,
+                    help="serving checkpoints of the stages before the last, in order "
+                         "(WORK/run/final WORK/finetune/best)")  # fmt: skip
     args = ap.parse_args(argv)
     try:
-        text = card(args.checkpoint, args.work, args.history, args.stage1)
+        text = card(args.checkpoint, args.work, args.history, args.earlier)
     except (FileNotFoundError, KeyError, json.JSONDecodeError) as e:
         print(f"model_card: error: {e}", file=sys.stderr)
         return 2

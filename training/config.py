@@ -78,6 +78,10 @@ class TrainConfig:
     # Fine-tune: start from these weights (a serving or training checkpoint directory) with
     # a fresh optimizer and schedule. Ignored when the run resumes from its own checkpoint.
     init_from: str | None = None
+    # With model.pose_context and model.action_classes: fit the pose context's hidden layer
+    # and action head alone for this many steps (batches of 256 training skeletons, a few
+    # seconds on a CPU) before training starts (training/pose_context.py). 0 = off.
+    context_warmup_steps: int = 0
     stop_after_steps: int | None = None  # stop early (checkpoint, no export): like a kill
     # Wall-clock budget in minutes (0 = off): after a short calibration the run measures its
     # speed and cuts total_tokens (an upper bound then) so that training, the last

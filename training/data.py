@@ -76,9 +76,11 @@ class Shards:
         return len(self.arrays["tok_rgb"])
 
     def sample(self, row: int) -> dict[str, np.ndarray]:
-        """The five modalities of one sample as int64 arrays (captions padded with 0)."""
+        """The five modalities of one sample as int64 arrays (captions padded with 0), and
+        its clip's `action` id."""
         return {
-            name: np.asarray(self.arrays[name][row], dtype=np.int64) for name in MODALITY_ARRAYS
+            name: np.asarray(self.arrays[name][row], dtype=np.int64)
+            for name in (*MODALITY_ARRAYS, "action")
         }
 
     def modalities(self, rows: np.ndarray | slice) -> dict[str, torch.Tensor]:

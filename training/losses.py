@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
+from m2core.model import action_rows
 from training.data import MaskedDataset, Shards
 
 IGNORE = -100
@@ -23,10 +24,18 @@ def modality_ce(
     logits: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], names: tuple[str, ...]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(summed cross-entropy, labelled targets) per modality from `M2Model.forward` logits,
-    as detached device tensors (no host sync until someone reads them)."""
+    as detached device tensors (no host sync until someone reads them); also for the
+    auxiliary `action` head when the model has one."""
     out = {}
     mod, valid, labels = batch["dec_mod"], batch["dec_valid"], batch["dec_labels"]
     for name, lg in logits.items():
+        if name == "action":
+            y = batch["action"][action_rows(batch, names)]
+            out[name] = (
+                F.cross_entropy(lg.detach().float(), y, reduction="sum"),
+                y.new_tensor(len(y)),
+            )
+            continue
         sel = (valid & (mod == names.index(name))).flatten().nonzero().squeeze(1)
         y = labels.flatten().index_select(0, sel)
         ce = F.cross_entropy(lg.detach().float(), y, ignore_index=IGNORE, reduction="sum")
@@ -41,13 +50,17 @@ def accumulate(sums: dict[str, list], parts: dict[str, tuple[torch.Tensor, torch
 
 
 def reduce_ce(acc: Accelerator, sums: dict[str, list], names: tuple[str, ...]) -> dict[str, float]:
-    """Sum per-modality (ce, n) over processes -> mean CE per modality and their mean."""
+    """Sum per-modality (ce, n) over processes -> mean CE per modality and their mean (of
+    the modalities; the auxiliary `action` CE, when there is one, is reported beside it)."""
     zero = torch.zeros((), dtype=torch.float64, device=acc.device)
-    t = torch.stack([zero + sums.get(n, (0.0, 0))[k] for n in names for k in (0, 1)])
+    keys = (*names, "action")
+    t = torch.stack([zero + sums.get(n, (0.0, 0))[k] for n in keys for k in (0, 1)])
     t = acc.reduce(t, "sum").cpu().view(-1, 2)
     ce = {n: float(t[i, 0] / t[i, 1]) for i, n in enumerate(names) if t[i, 1] > 0}
     if ce:
         ce["mean"] = float(np.mean(list(ce.values())))
+    if t[-1, 1] > 0:
+        ce["action"] = float(t[-1, 0] / t[-1, 1])
     return ce
 
 

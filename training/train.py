@@ -74,13 +74,22 @@ class TrainResult:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay on matrices only, not on norms, biases or embeddings."""
+    """AdamW groups: weight decay on matrices only, not on norms, biases or embeddings; the
+    parameters the model lists in `LR_SCALE` (name prefix -> factor) get their own groups
+    whose learning rate is the schedule's times that factor (`lr_scale`)."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, rest = [], []
-    for _, p in model.named_parameters():
+    scales: dict[str, float] = getattr(model, "LR_SCALE", {})
+    groups: dict[tuple[bool, float], list] = {(True, 1.0): [], (False, 1.0): []}
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (rest if p.ndim < 2 or id(p) in embeddings else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+            scale = next((f for pre, f in scales.items() if name.startswith(pre)), 1.0)
+            decay = not (p.ndim < 2 or id(p) in embeddings)
+            groups.setdefault((decay, scale), []).append(p)
+    return [
+        {"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
+        for (decay, scale), ps in groups.items()
+        if ps or scale == 1.0
+    ]
 
 
 def _rng_tensors(acc: Accelerator) -> dict[str, torch.Tensor]:
@@ -136,6 +145,11 @@ def train(
     has_val = meta["counts"].get("val", {}).get("samples")
     val_shards = Shards(cfg.data_dir, "val", meta) if has_val else None
     mcfg = model_config(cfg, meta)
+    if mcfg.action_classes and len(meta.get("actions", ())) > mcfg.action_classes:
+        raise ValueError(
+            f"model.action_classes={mcfg.action_classes} but {cfg.data_dir} has "
+            f"{len(meta['actions'])} actions ({', '.join(meta['actions'])})"
+        )
     resume_step = None
     if resume_from is not None:
         resume_step = int(json.loads((resume_from / ts.STATE_FILE).read_text())["step"])
@@ -165,6 +179,14 @@ def train(
         if main:
             log.info("initial weights from %s%s", cfg.init_from,
                      f" (new, freshly initialised: {', '.join(fresh)})" if fresh else "")  # fmt: skip
+    if cfg.context_warmup_steps and resume_from is None:
+        from training.pose_context import warm_start
+
+        got = warm_start(model, train_shards, val_shards, cfg.context_warmup_steps, cfg.seed)
+        if main:
+            log.info("pose context warm start: %d steps, training CE %.3f, names the action of "
+                     "%.1f%% of validation skeletons", cfg.context_warmup_steps, got["train_ce"],
+                     100 * got["val_accuracy"])  # fmt: skip
     model = model.to(acc.device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                   fused=acc.device.type == "cuda")  # fmt: skip
@@ -281,7 +303,7 @@ def train(
             t_step = time.perf_counter()
             lr = lr_at(cfg, (step + 1) * plan.tokens_per_step)
             for g in optimizer.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g.get("lr_scale", 1.0)  # older checkpoints lack it
             loss_sum = torch.zeros((), device=acc.device)
             wait = 0.0
             for micro in range(cfg.grad_accum):

@@ -35,13 +35,29 @@ def _context(model, rgb, coords):
     return slots, model.encode(*slots)
 
 
+def _context_model():
+    """A pose_context model whose context maps are not zero (as after training)."""
+    torch.manual_seed(0)
+    m = M2Model(dataclasses.replace(CFG, pose_context=True)).eval()
+    with torch.no_grad():
+        for layer in (m.pose_context[2], m.caption_context):
+            layer.weight.normal_(std=0.05)
+    return m
+
+
 @torch.no_grad()
-def test_causal_caption_decoding_matches_teacher_forced_logits(model):
+@pytest.mark.parametrize("kind", ["plain", "pose_context"])
+def test_causal_caption_decoding_matches_teacher_forced_logits(model, kind):
+    """decode_caption's step logits are the teacher-forced forward's (with pose_context, the
+    caption queries' skeleton vector included on both paths)."""
+    model = model if kind == "plain" else _context_model()
     rgb, coords = _inputs()
     slots, (ctx, mask) = _context(model, rgb, coords)
     cfg = GenerationConfig(caption_min_tokens=10, caption_max_tokens=10)
     gens = [torch.Generator() for _ in range(2)]
-    tokens, step_logits = decode_caption(model, ctx, mask, cfg, gens, return_logits=True)
+    bias = model.caption_bias(*slots)
+    assert (bias is None) == (kind == "plain")
+    tokens, step_logits = decode_caption(model, ctx, mask, cfg, gens, True, None, bias)
     assert tokens.shape == (2, 10) and (tokens > EOS_ID).all()
     # teacher forcing: query i = token i-1 (bos first) at position i = 1..10
     n, cap = 10, model.names.index("captions")

@@ -199,3 +199,13 @@ def test_future_targets_carry_the_present_token_at_their_position():
             else:
                 assert out["dec_prior"][slot] == -1
         assert (out["dec_prior"][~out["dec_valid"]] == -1).all()
+
+
+def test_an_action_label_passes_through_to_the_batch():
+    """`action` is a label, not a modality: one int64 per sample, untouched by masking."""
+    rng = np.random.default_rng(0)
+    cfg = MaskingConfig(input_budget=32, target_budget=32)
+    samples = [{**random_sample(rng, 64, 300, 32), "action": np.int64(a)} for a in (4, -1)]
+    batch = collate([mask_sample(s, cfg, rng) for s in samples])
+    assert batch["action"].tolist() == [4, -1] and batch["action"].dtype == torch.int64
+    assert "action" not in collate([mask_sample(random_sample(rng, 64, 300, 32), cfg, rng)])

@@ -279,3 +279,115 @@ def test_shift_head_regresses_the_displacement():
     assert mu[coord].median() > 150  # the regression itself moved most of the way
     shift = median_bins(logits["coords_next"], y.clamp(min=0))[coord] - prior[coord]
     assert (shift - 300).abs().float().median() <= 16
+
+
+def test_skeleton_features_see_the_shape_not_the_place():
+    """pose_context's input: the same skeleton moved and scaled has the same per-joint
+    features (only centre and extent change); masked-out slots read as absent."""
+    from m2core.model import skeleton_features
+
+    rng = np.random.default_rng(5)
+    xy = rng.uniform(0.3, 0.6, (13, 2))
+
+    def ids_of(points, flags=8193):
+        tok = np.zeros((13, 3), np.int64)
+        tok[:, :2] = np.floor(points * 8192)
+        tok[:, 2] = flags
+        return torch.from_numpy(tok.reshape(1, 39))
+
+    pos = torch.arange(39)[None]
+    every = torch.ones(1, 39, dtype=torch.bool)
+    a = skeleton_features(ids_of(xy), pos, every)
+    b = skeleton_features(ids_of(0.1 + 0.5 * xy), pos, every)
+    assert a.shape == (1, 13 * 6 + 3)
+    torch.testing.assert_close(a[:, :78], b[:, :78], atol=2e-3, rtol=0)
+    assert abs(float(b[0, -1] - a[0, -1]) - np.log(0.5)) < 1e-2  # log extent
+    # shuffled slots with two of them masked out (a partial skeleton, as the masking gives)
+    order = torch.from_numpy(rng.permutation(39))[None]
+    keep = torch.ones(1, 39, dtype=torch.bool)
+    gone = order[0, :2]
+    keep[0, :2] = False
+    c = skeleton_features(ids_of(xy)[:, order[0]], order, keep)
+    joints = c[0, :78].view(13, 6)
+    has_column = {0: 2, 1: 3, 2: 5}  # per joint: rel x, rel y, has x, has y, visible, has flag
+    for slot in gone.tolist():
+        assert joints[slot // 3, has_column[slot % 3]] == 0
+    none = skeleton_features(ids_of(xy), pos, torch.zeros(1, 39, dtype=torch.bool))
+    assert none[0, :78].abs().sum() == 0 and torch.isfinite(none).all()
+
+
+def test_pose_context_starts_as_a_no_op_and_learns():
+    """Switched on over a trained model (init_from), pose_context changes no logit (its
+    output maps, to the skeleton tokens and to the caption queries, start at zero); three
+    optimiser steps later it does, for samples with a skeleton among their inputs."""
+    batch = _batch(seed=4)
+    plain = _model(seed=1, pose_basis=True)
+    ctx = _model(seed=2, pose_basis=True, pose_context=True)
+    missing, unexpected = ctx.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(
+        k.startswith(("pose_context.", "caption_context.")) for k in missing
+    )
+    plain.eval(), ctx.eval()
+    with torch.no_grad():
+        a, b = plain(batch)[0], ctx(batch)[0]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name])
+    ctx.train()
+    _fit(ctx, batch, 3)
+    assert (batch["enc_valid"] & (batch["enc_mod"] == ctx.names.index("coords"))).any()
+    ctx.eval()
+    with torch.no_grad():
+        c = ctx(batch)[0]
+        for layer in (ctx.pose_context[2], ctx.caption_context):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        d = ctx(batch)[0]
+    assert any(not torch.allclose(c[n], d[n]) for n in c)  # the learned context is used
+
+
+def test_action_head_learns_the_action_from_the_skeleton_shape():
+    """action_classes: the auxiliary head on the pose context classifies the action from the
+    input skeleton's shape wherever it stands; samples without a skeleton input or with an
+    unknown action (-1) get no loss; a config without pose_context is refused."""
+    from m2core.model import ACTION_LOSS_WEIGHT
+
+    with pytest.raises(ValueError, match="needs pose_context"):
+        M2Config(**SMALL, action_classes=3)
+    rng = np.random.default_rng(11)
+    shapes = rng.uniform(-0.1, 0.1, (3, 13, 2))  # one skeleton shape per action
+    cfg = MaskingConfig(input_budget=48, target_budget=16,
+                        alpha_sets=(AlphaSet({"coords": 1.0}, {"coords_next": 1.0}),))  # fmt: skip
+
+    def batch(n, seed):
+        g = np.random.default_rng(seed)
+        samples = []
+        for _ in range(n):
+            s = random_sample(g, 64, 300, 16)
+            a = int(g.integers(3))
+            xy = 0.5 + g.uniform(-0.3, 0.3, 2) + shapes[a] * g.uniform(0.7, 1.5)
+            s["coords"][0::3] = np.floor(xy[:, 0] * 8192)
+            s["coords"][1::3] = np.floor(xy[:, 1] * 8192)
+            s["coords"][2::3] = 8193
+            s["action"] = np.int64(a)
+            samples.append(mask_sample(s, cfg, g))
+        return collate(samples)
+
+    train, held_out = batch(48, 0), batch(32, 1)
+    assert train["action"].shape == (48,)
+    model = _model(pose_basis=True, pose_context=True, action_classes=3)
+    model.train()
+    opt = torch.optim.AdamW(model.optimizer_groups(0.0), lr=3e-3)
+    for _ in range(60):
+        _, loss = model(train)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        logits, loss = model(held_out)
+        assert (logits["action"].argmax(-1) == held_out["action"]).float().mean() >= 0.9
+        unlabelled = {**held_out, "action": torch.full_like(held_out["action"], -1)}
+        logits2, loss2 = model(unlabelled)
+    assert "action" not in logits2
+    ce = F.cross_entropy(logits["action"], held_out["action"])
+    torch.testing.assert_close(loss - loss2, ACTION_LOSS_WEIGHT * ce)

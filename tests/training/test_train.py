@@ -133,6 +133,15 @@ def test_weight_decay_skips_norms_biases_and_embeddings():
     assert {"tok_emb.weight", "mod_emb.weight", "mask_token", "enc_norm.weight"} <= no_decay
     assert all(p.ndim == 2 and "emb" not in names[id(p)] for p in decay["params"])
     assert len(decay["params"]) + len(rest["params"]) == len(list(model.parameters()))
+    assert decay["lr_scale"] == rest["lr_scale"] == 1.0
+    ctx = M2Model(M2Config.from_preset("tiny", dim=32, heads=2, enc_layers=1, dec_layers=1,
+                                       pose_context=True, action_classes=4))  # fmt: skip
+    groups = param_groups(ctx, 0.05)
+    fast = {names for g in groups if g["lr_scale"] == 10.0 for names in map(id, g["params"])}
+    named = dict(ctx.named_parameters())
+    assert fast == {id(p) for n, p in named.items() if n.startswith("pose_context.2.")}
+    assert {g["weight_decay"] for g in groups if g["lr_scale"] == 10.0} == {0.05, 0.0}
+    assert sum(len(g["params"]) for g in groups) == len(named)
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
@@ -294,3 +303,47 @@ def test_m2_export_best_picks_the_checkpoint_with_the_lowest_validation_metric(
         == 2
     )
     assert "no kept checkpoint has 'val/nope'" in capsys.readouterr().err
+
+
+def test_pose_context_warm_start_and_action_head_in_a_run(prepared, tmp_path):
+    """context_warmup_steps fits the pose context's hidden layer and action head alone (the
+    rest of the model, and the context's zero output layer, untouched); a run with the
+    action head logs its CE; too few action_classes for the data is a clear error."""
+    from m2core.model import M2Config, M2Model
+    from training.data import Shards, load_meta
+    from training.pose_context import warm_start
+
+    meta = load_meta(prepared)
+    n_actions = len(meta["actions"])
+    small = {"dim": 32, "heads": 2, "enc_layers": 1, "dec_layers": 1}
+    mc = M2Config.from_preset("tiny", **small, image_vocab=meta["image_vocab"],
+                              text_vocab=meta["text_vocab"], caption_len=meta["caption_len"],
+                              pose_context=True, action_classes=n_actions)  # fmt: skip
+    torch.manual_seed(0)
+    model = M2Model(mc)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    got = warm_start(model, Shards(prepared, "train"), Shards(prepared, "val"), 300)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"pose_context.0.weight", "pose_context.0.bias", "action_head.weight",
+                       "action_head.bias"}  # fmt: skip
+    assert got["train_ce"] < 0.5 * np.log(n_actions) and 0 <= got["val_accuracy"] <= 1
+    with pytest.raises(ValueError, match=r"needs model\.pose_context"):
+        warm_start(
+            M2Model(M2Config.from_preset("tiny", **small)), Shards(prepared, "train"), None, 1
+        )
+
+    cfg = {**TINY, "data_dir": str(prepared), "output_dir": str(tmp_path / "a"), "total_tokens": "768",
+           "model": {**small, "pose_context": True, "action_classes": n_actions}, "context_warmup_steps": 20}  # fmt: skip
+    train(cfg)
+    rows = [
+        json.loads(r) for r in (tmp_path / "a" / "logs" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert any("train/ce_action" in r for r in rows) and any("val/ce_action" in r for r in rows)
+    with pytest.raises(ValueError, match=f"action_classes=1 but .* has {n_actions} actions"):
+        train(
+            {
+                **cfg,
+                "output_dir": str(tmp_path / "b"),
+                "model": {**cfg["model"], "action_classes": 1},
+            }
+        )
