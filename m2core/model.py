@@ -415,8 +415,8 @@ class M2Model(nn.Module):
         pe = self.embed_positions(mod, pos, table)
         x = self.embed_tokens(ids, mod) + pe  # (B, N, D)
         if self.pose_context is not None:
-            is_coords = valid & (mod == self.names.index("coords"))
-            summary = self.pose_context(skeleton_features(ids, pos, is_coords)).to(x.dtype)
+            hidden, is_coords = self.skeleton_hidden(ids, mod, pos, valid)
+            summary = self.pose_context[2](hidden).to(x.dtype)
             x = x + summary[:, None] * is_coords[..., None]
         for block in self.encoder:
             x = block(x, key_mask)
@@ -427,9 +427,16 @@ class M2Model(nn.Module):
         slots as `encode` takes them); None without pose_context."""
         if self.caption_context is None:
             return None
-        is_coords = valid & (mod == self.names.index("coords"))
-        hidden = self.pose_context[:2](skeleton_features(ids, pos, is_coords))
+        hidden, is_coords = self.skeleton_hidden(ids, mod, pos, valid)
         return self.caption_context(hidden) * is_coords.any(1, keepdim=True)
+
+    def skeleton_hidden(
+        self, ids: Tensor, mod: Tensor, pos: Tensor, valid: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Encoder slots -> (the pose context's hidden layer (B, D), which slots are skeleton
+        tokens (B, N)). The context's output, the caption map and the action head read it."""
+        is_coords = valid & (mod == self.names.index("coords"))
+        return self.pose_context[:2](skeleton_features(ids, pos, is_coords)), is_coords
 
     def context_kv(self, context: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Cross-attention keys/values of every decoder layer (computed once per context)."""
@@ -570,17 +577,13 @@ class M2Model(nn.Module):
         action = batch.get("action")
         if self.action_head is None or action is None:
             return None
-        ids, pos = batch["enc_ids"], batch["enc_pos"]
-        is_coords = batch["enc_valid"] & (batch["enc_mod"] == self.names.index("coords"))
         has = action_rows(batch, self.names).nonzero().squeeze(1)
         if has.numel() == 0:
             return None
-        if int(action.max()) >= self.config.action_classes:
-            raise ValueError(
-                f"action id {int(action.max())} >= action_classes={self.config.action_classes}"
-            )
-        feats = skeleton_features(ids[has], pos[has], is_coords[has])
-        out = self.action_head(self.pose_context[:2](feats))  # from the hidden layer
+        # ids >= action_classes are refused when a run starts (train.py), not here: that
+        # check would cost a host sync every step
+        slots = (batch[k][has] for k in ("enc_ids", "enc_mod", "enc_pos", "enc_valid"))
+        out = self.action_head(self.skeleton_hidden(*slots)[0])
         logits["action"] = out
         return F.cross_entropy(out.float(), action[has])
 
