@@ -115,7 +115,10 @@ class M2Config:
     # of a pose are a function of its shape, not of where the person stands; one token per
     # coordinate made the transformer work that out from absolute bins, and it named the
     # action from the true skeleton for only ~40% of frames (nearest neighbours on the
-    # normalised skeleton: 98.6%). Zero-initialised: switching it on changes nothing yet.
+    # normalised skeleton: 98.6%). A second map of the MLP's hidden layer is added to every
+    # caption query (`caption_bias`): with the vector on the skeleton tokens only, the
+    # caption decoder had not learnt to read it after 400 steps. Both maps start at zero:
+    # switching the option on changes nothing yet.
     pose_context: bool = False
     # An auxiliary head on the pose context's hidden layer classifies the clip's action
     # (`action` ids of the prepared data; Penn Action and m2 synth both label every clip):

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 MODALITIES = ("tok_rgb", "coords", "captions", "tok_rgb_next", "coords_next", "mean")
 RGB = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
-COLOR = dict(zip(MODALITIES, RGB, strict=True))
+COLOR = dict(zip(MODALITIES, RGB, strict=True)) | {"action": (23, 190, 207)}  # the action head's CE
 Color = tuple[int, int, int]
 Series = tuple[str, Color, list[float], list[float]]  # legend name, colour, xs, ys
 Panel = tuple[str, str, list[Series], bool]  # title, y label, series, log scale
@@ -139,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     win = max(1, args.smooth or len(train) // 50)
     trains = [curve(train, "train/loss", "raw loss", (200, 200, 200))] if win > 1 else []
     trains += [curve(train, "train/loss", "loss", (0, 0, 0), win)]
-    trains += [curve(train, f"train/ce_{m}", m, COLOR[m], win) for m in MODALITIES[:5]]
+    trains += [curve(train, f"train/ce_{m}", m, COLOR[m], win) for m in (*MODALITIES[:5], "action")]
     smoothed = f" (moving average over {win} lines)" if win > 1 else ""
-    vals = [curve(val, f"val/ce_{m}", m, COLOR[m]) for m in MODALITIES]
+    vals = [curve(val, f"val/ce_{m}", m, COLOR[m]) for m in (*MODALITIES, "action")]
     panels: list[Panel] = [
         ("Training loss and CE per modality" + smoothed, "CE", trains, True),
         ("Validation CE per modality", "CE", vals, True),
