@@ -139,7 +139,8 @@ def test_weight_decay_skips_norms_biases_and_embeddings():
     groups = param_groups(ctx, 0.05)
     fast = {names for g in groups if g["lr_scale"] == 10.0 for names in map(id, g["params"])}
     named = dict(ctx.named_parameters())
-    assert fast == {id(p) for n, p in named.items() if n.startswith("pose_context.2.")}
+    assert fast == {id(p) for n, p in named.items() if n.startswith(tuple(ctx.LR_SCALE))}
+    assert set(ctx.LR_SCALE) == {"pose_context.2.", "caption_context."}
     assert {g["weight_decay"] for g in groups if g["lr_scale"] == 10.0} == {0.05, 0.0}
     assert sum(len(g["params"]) for g in groups) == len(named)
 
