@@ -60,6 +60,9 @@ class GenerationConfig:
     # (where the model is torn between "up" and "down" it stays between them, which costs
     # less distance than betting on one) instead of the most likely bin; flags stay argmax.
     future_pose_median: bool = True
+    # The same for the skeleton read from the frame: on 256 validation frames of the demo
+    # model, PCK@0.05 0.339 against 0.320 for the most likely bin (PCK@0.2 0.835 vs 0.815).
+    present_pose_median: bool = True
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.maskgit_steps < 1:
@@ -171,7 +174,8 @@ def maskgit(
             logits = logits.masked_fill(~allowed[order], float("-inf"))
         u = _uniform(gens, (n_masked,), device)
         sampled, prob = sample_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p, u)
-        if cfg.temperature == 0 and cfg.future_pose_median and name == "coords_next":
+        median = cfg.future_pose_median if name == "coords_next" else cfg.present_pose_median
+        if cfg.temperature == 0 and median and name in ("coords", "coords_next"):
             sampled = median_bins(logits, sampled)
         n_next = 0 if t == T else min(n_masked - 1, math.floor(n * cosine_schedule(t / T)))
         n_next = max(n_next, 0)

@@ -92,7 +92,7 @@ def test_predict_on_held_out_frames_finds_the_figure(held_out):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="from a frame alone the demo model reads a rough skeleton (PCK@0.05 0.32) and "
+    reason="from a frame alone the demo model reads a rough skeleton (PCK@0.05 0.33) and "
     "captions from it; given the true skeleton its captions name the action for 73% of "
     "held-out frames, but not through /predict (issue 7 stays open; see the model card)",
 )

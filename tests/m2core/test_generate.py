@@ -209,3 +209,21 @@ def test_median_bins_stay_between_two_modes_and_keep_flags():
     wide = torch.full((1, POSE_BINS + 2), float("-inf"))
     wide[0, 990:1011] = 0.0  # flat over 21 bins: the middle one
     assert median_bins(wide, wide.argmax(-1))[0] == 1000
+
+
+def test_present_skeleton_median_is_a_switch_that_keeps_the_flags():
+    """present_pose_median: at temperature 0 the skeleton read from the frame takes each
+    coordinate's median bin (an untrained model's flat tails put it far from the most likely
+    bin); the visibility flags are the same either way."""
+    torch.manual_seed(2)
+    fresh = M2Model(CFG).eval()
+    rgb, _ = _inputs(B=2, seed=4)
+    out = {
+        med: generate(fresh, {"tok_rgb": rgb},
+                      GenerationConfig(temperature=0.0, maskgit_steps=1, present_pose_median=med))
+        for med in (False, True)
+    }  # fmt: skip
+    xy = torch.ones(39, dtype=torch.bool)
+    xy[2::3] = False
+    assert not torch.equal(out[True].coords[:, xy], out[False].coords[:, xy])
+    assert torch.equal(out[True].coords[:, ~xy], out[False].coords[:, ~xy])
