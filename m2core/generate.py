@@ -337,9 +337,9 @@ def generate(
         )
         coords = torch.where(has_coords[:, None], coords, gen)
     if not bool(has_caps.all()):  # captions <- tok_rgb, coords
-        known = {"tok_rgb": rgb_in, "coords": (coords, torch.ones_like(coords, dtype=torch.bool))}
-        ctx, mask = context(known)
-        bias = model.caption_bias(*_pack(model, known))
+        slots = _pack(model, {"tok_rgb": rgb_in, "coords": (coords, torch.ones_like(coords, dtype=torch.bool))})  # fmt: skip
+        ctx, mask = timed("encode", model.encode, *slots)
+        bias = model.caption_bias(*slots)
         gen, _ = timed("captions", decode_caption, model, ctx, mask, cfg, gens, False, table, bias)
         gen = torch.cat([torch.full((B, 1), BOS_ID, device=device), gen], 1)
         gen = torch.nn.functional.pad(gen, (0, L - gen.shape[1]), value=PAD_ID)

@@ -11,8 +11,6 @@ stays zero, and the transformer then only has to learn to read it.
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -21,21 +19,20 @@ from m2core.modalities import TOKENS_PER_POSE
 from m2core.model import M2Model, skeleton_features
 from training.data import Shards
 
-log = logging.getLogger(__name__)
-
 
 def _batch(shards: Shards, rows: np.ndarray, rng: np.random.Generator, drop: bool):
     """Skeletons of `rows` as the encoder sees them -> (features, action ids). With `drop`,
     a quarter of the samples lose a random share (up to 30%) of their slots, as masked
     inputs do; generation always gives the whole skeleton (dropping more cost 25 points of
     accuracy on whole ones)."""
-    ids = torch.from_numpy(np.asarray(shards.arrays["coords"][np.sort(rows)], np.int64))
+    rows = np.sort(rows)  # memory-mapped arrays read faster in order
+    ids = torch.from_numpy(np.asarray(shards.arrays["coords"][rows], np.int64))
     keep = torch.ones_like(ids, dtype=torch.bool)
     if drop:
         share = rng.uniform(0.0, 0.3, (len(rows), 1)) * (rng.random((len(rows), 1)) < 0.25)
         keep = torch.from_numpy(rng.random((len(rows), TOKENS_PER_POSE)) >= share)
     pos = torch.arange(TOKENS_PER_POSE).expand_as(ids)
-    action = torch.from_numpy(np.asarray(shards.arrays["action"][np.sort(rows)], np.int64))
+    action = torch.from_numpy(np.asarray(shards.arrays["action"][rows], np.int64))
     return skeleton_features(ids, pos, keep), action
 
 
