@@ -63,6 +63,9 @@ class GenerationConfig:
     # The same for the skeleton read from the frame: on 256 validation frames of the demo
     # model, PCK@0.05 0.339 against 0.320 for the most likely bin (PCK@0.2 0.835 vs 0.815).
     present_pose_median: bool = True
+    # Where the model read the skeleton from the frame itself, the caption queries get the
+    # image context's vector (M2Config.image_context_levels) in place of that skeleton's.
+    caption_from_image: bool = True
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.maskgit_steps < 1:
@@ -340,6 +343,9 @@ def generate(
         slots = _pack(model, {"tok_rgb": rgb_in, "coords": (coords, torch.ones_like(coords, dtype=torch.bool))})  # fmt: skip
         ctx, mask = timed("encode", model.encode, *slots)
         bias = model.caption_bias(*slots)
+        guessed = ~has_coords
+        if cfg.caption_from_image and model.image_context is not None and bool(guessed.any()):
+            bias = torch.where(guessed[:, None], model.image_caption_bias(rgb, coords), bias)
         gen, _ = timed("captions", decode_caption, model, ctx, mask, cfg, gens, False, table, bias)
         gen = torch.cat([torch.full((B, 1), BOS_ID, device=device), gen], 1)
         gen = torch.nn.functional.pad(gen, (0, L - gen.shape[1]), value=PAD_ID)

@@ -125,6 +125,17 @@ class M2Config:
     # the caption's few action words alone teach the context slowly (the caption decoder
     # must first learn to look for it). 0 = no head. Needs pose_context.
     action_classes: int = 0
+    # With the frame alone (/predict), the skeleton the model reads first is rough (PCK@0.05
+    # ~0.33) and the action head named the action from it for only ~15-19% of frames. With
+    # this set (the image tokenizer's FSQ levels per code digit: 8 for the demo's 8x8x8x8
+    # codes; 0 = off) a small conv net reads the frame's tokens as their FSQ code values
+    # (the quantised latents, which vary smoothly with the picture) in an 8x8-token window
+    # around the skeleton's centre, and maps them into the pose context's hidden space
+    # (`ImageContext`); generation then gives the caption queries that vector when it made
+    # the skeleton itself. A learned table per token id memorised each clip's look instead
+    # (10% of held-out frames, chance; code values: ~55%). Fitted by its own warm start
+    # (training/image_context.py); the transformer does not train it. Needs action_classes.
+    image_context_levels: int = 0
 
     def __post_init__(self) -> None:
         for name in ("dim", "enc_layers", "dec_layers", "heads", "input_tokens", "target_tokens"):
@@ -138,6 +149,14 @@ class M2Config:
             raise ValueError(
                 f"M2Config.action_classes={self.action_classes} needs pose_context=true and >= 0"
             )
+        if self.image_context_levels:
+            levels, vocab = self.image_context_levels, self.image_vocab
+            digits = round(math.log(vocab, levels)) if levels > 1 else 0
+            if not self.action_classes or levels < 2 or levels**digits != vocab:
+                raise ValueError(
+                    f"M2Config.image_context_levels={levels} needs action_classes and must be "
+                    f"the FSQ levels of the image vocabulary ({vocab} = levels ** digits)"
+                )
         self.registry()  # validates the vocabulary sizes
 
     @classmethod
@@ -295,6 +314,11 @@ class M2Model(nn.Module):
         # every caption query: the caption decoder gets the skeleton's shape (and so its
         # action) in its residual stream instead of having to learn where to look for it
         self.caption_context = nn.Linear(D, D) if config.pose_context else None
+        self.image_context = (
+            ImageContext(config.image_context_levels, config.image_vocab, D)
+            if config.image_context_levels
+            else None
+        )
         self._init_weights()
         log.info("M2Model %s: %.2fM parameters", config.preset, self.num_params() / 1e6)
 
@@ -327,6 +351,8 @@ class M2Model(nn.Module):
             nn.init.zeros_(last.weight)
             nn.init.zeros_(self.caption_context.weight)
             nn.init.zeros_(self.caption_context.bias)
+        if self.image_context is not None:
+            self.image_context.reset_parameters()
         for head in self.shift_heads.values():  # mu = 0, b = _SHIFT_SCALE0
             nn.init.zeros_(head.weight)
             head.bias.data.copy_(
@@ -432,6 +458,22 @@ class M2Model(nn.Module):
             return None
         hidden, is_coords = self.skeleton_hidden(ids, mod, pos, valid)
         return self.caption_context(hidden) * is_coords.any(1, keepdim=True)
+
+    # test-time shifts of the image context's window, in tokens (its hidden is averaged)
+    IMAGE_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
+
+    def image_hidden(self, rgb: Tensor, coords: Tensor) -> Tensor:
+        """(B, 256) frame tokens and (B, 39) pose ids of the person in it -> (B, D): the
+        image context around the skeleton's centre, averaged over `IMAGE_SHIFTS`."""
+        pos = torch.arange(coords.shape[1], device=coords.device).expand_as(coords)
+        centre = skeleton_features(coords, pos, torch.ones_like(coords, dtype=torch.bool))
+        centre = centre[:, -3:-1]
+        return torch.stack([self.image_context(rgb, centre, s) for s in self.IMAGE_SHIFTS]).mean(0)
+
+    def image_caption_bias(self, rgb: Tensor, coords: Tensor) -> Tensor:
+        """`caption_bias` read from the frame around the skeleton (`image_context`) instead
+        of from the skeleton itself: for a skeleton the model guessed from the frame."""
+        return self.caption_context(self.image_hidden(rgb, coords))
 
     def skeleton_hidden(
         self, ids: Tensor, mod: Tensor, pos: Tensor, valid: Tensor
@@ -686,6 +728,72 @@ def skeleton_features(ids: Tensor, pos: Tensor, is_coords: Tensor) -> Tensor:
 
 
 _CONTEXT_FEATURES = NUM_JOINTS * 6 + 3
+
+
+class ImageContext(nn.Module):
+    """Image tokens around the person -> a vector in the pose context's hidden space.
+
+    Each token id of the window becomes its FSQ code values (`levels` per digit); four 3x3
+    convolutions (plus two channels of window position) and an attention pool over the
+    window give one vector, and an MLP maps it to `dim` (GELU last, as the pose context's
+    hidden layer). The window is `CROP` x `CROP` tokens, centred on a given point of the
+    frame and moved inside it."""
+
+    CROP = 8
+    WIDTH = 128
+
+    def __init__(self, levels: int, vocab: int, dim: int):
+        super().__init__()
+        digits = round(math.log(vocab, levels))
+        half = levels // 2
+        ids = torch.arange(vocab)[:, None]
+        codes = ((ids // levels ** torch.arange(digits)) % levels - half) / half
+        self.register_buffer("codes", codes.float(), persistent=False)  # (vocab, digits)
+        axis = torch.linspace(-1.0, 1.0, self.CROP)
+        where = torch.stack(torch.meshgrid(axis, axis, indexing="xy"))  # (2, CROP, CROP): x, y
+        self.register_buffer("where", where, persistent=False)
+        w = self.WIDTH
+        self.convs = nn.Sequential(
+            nn.Conv2d(digits + 2, 96, 3, padding=1), nn.GELU(),
+            nn.Conv2d(96, w, 3, padding=1), nn.GELU(),
+            nn.Conv2d(w, w, 3, padding=1), nn.GELU(),
+            nn.Conv2d(w, w, 3, padding=1), nn.GELU(),
+        )  # fmt: skip
+        self.attend = nn.Conv2d(w, 1, 1)
+        self.drop = nn.Dropout(0.2)
+        self.mlp = nn.Sequential(nn.Linear(w, 2 * w), nn.GELU(), nn.Linear(2 * w, dim), nn.GELU())
+
+    def reset_parameters(self) -> None:
+        """PyTorch's default initialisation (the transformer's 0.02 normal stalls a conv net)."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d | nn.Linear):
+                m.reset_parameters()
+
+    def window(
+        self, ids: Tensor, centre: Tensor, shift: Tensor | tuple[int, int] = (0, 0)
+    ) -> Tensor:
+        """(B, G*G) token ids, (B, 2) centres (x, y in [0, 1] of the frame) -> (B, CROP, CROP)
+        ids of the window around each centre, moved by `shift` tokens ((2,) or (B, 2): x, y) and kept inside."""
+        B, n = ids.shape
+        g = math.isqrt(n)
+        step = torch.arange(self.CROP, device=ids.device)
+        start = (
+            (centre * g).floor().long() - self.CROP // 2 + torch.as_tensor(shift, device=ids.device)
+        )
+        start = start.clamp(0, g - self.CROP)  # (B, 2): x0, y0
+        rows = (start[:, 1:] + step)[:, :, None]  # (B, CROP, 1)
+        cols = (start[:, :1] + step)[:, None, :]  # (B, 1, CROP)
+        return ids.view(B, g, g)[torch.arange(B, device=ids.device)[:, None, None], rows, cols]
+
+    def forward(
+        self, ids: Tensor, centre: Tensor, shift: Tensor | tuple[int, int] = (0, 0)
+    ) -> Tensor:
+        """(B, G*G) token ids, (B, 2) centres -> (B, dim)."""
+        x = self.codes[self.window(ids, centre, shift)].permute(0, 3, 1, 2)
+        x = torch.cat([x, self.where.expand(len(x), -1, -1, -1)], 1)
+        h = self.convs(x)
+        weight = self.attend(h).flatten(1).softmax(-1)  # (B, CROP * CROP)
+        return self.mlp(self.drop((h.flatten(2) * weight[:, None]).sum(-1)))
 
 
 def _offsets(sizes: list[int]) -> Tensor:

@@ -22,6 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("training.prepare", "raw clips -> token shards"),
     "train": ("training.train", "train M2 (same as accelerate launch training/train.py)"),
     "export": ("training.export", "serving checkpoint from a training checkpoint"),
+    "fit-image-context": (
+        "training.image_context",
+        "fit a checkpoint's image context (captions from the frame)",
+    ),
     "eval": ("training.evaluate", "evaluate a checkpoint against baselines"),
     "serve": ("service.cli", "serve a checkpoint over HTTP"),
     "predict": ("service.predict_cli", "predict from one frame, locally or via a server"),

@@ -187,6 +187,10 @@ def train(
             log.info("pose context warm start: %d steps, training CE %.3f, names the action of "
                      "%.1f%% of validation skeletons", cfg.context_warmup_steps, got["train_ce"],
                      100 * got["val_accuracy"])  # fmt: skip
+    if model.image_context is not None:
+        # fitted after training, from the pose context it imitates (`m2 fit-image-context`):
+        # the transformer's losses never read it, so it is kept out of the optimizer
+        model.image_context.requires_grad_(False)
     model = model.to(acc.device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                   fused=acc.device.type == "cuda")  # fmt: skip

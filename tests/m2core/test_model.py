@@ -391,3 +391,28 @@ def test_action_head_learns_the_action_from_the_skeleton_shape():
     assert "action" not in logits2
     ce = F.cross_entropy(logits["action"], held_out["action"])
     torch.testing.assert_close(loss - loss2, ACTION_LOSS_WEIGHT * ce)
+
+
+def test_image_context_reads_fsq_codes_in_a_window_around_the_person():
+    """Token ids become the image tokenizer's own FSQ code values; the window is the 8x8
+    block around the centre, moved by the shift and kept inside the 16x16 grid; a vocabulary
+    that is not levels ** digits is a config error."""
+    from m2core.model import ImageContext
+    from m2core.tokenizers.image import FSQ
+
+    ctx = ImageContext(8, 4096, 32)
+    ids = torch.arange(4096)
+    assert torch.allclose(ctx.codes, FSQ((8, 8, 8, 8)).ids_to_codes(ids))
+    grid = torch.arange(256).view(1, 256).repeat(3, 1)
+    centre = torch.tensor([[0.5, 0.5], [0.0, 0.0], [0.99, 0.2]])
+    win = ctx.window(grid, centre)
+    assert torch.equal(win[0], torch.arange(256).view(16, 16)[4:12, 4:12])
+    assert torch.equal(win[1], torch.arange(256).view(16, 16)[0:8, 0:8])  # kept inside
+    assert torch.equal(win[2], torch.arange(256).view(16, 16)[0:8, 8:16])
+    moved = ctx.window(grid, centre, torch.tensor([[1, -1], [0, 0], [0, 0]]))
+    assert torch.equal(moved[0], torch.arange(256).view(16, 16)[3:11, 5:13])
+    assert ctx(grid % 4096, centre).shape == (3, 32)
+    with pytest.raises(ValueError, match="image_context_levels"):
+        M2Config.from_preset("tiny", pose_context=True, action_classes=3, image_context_levels=7)
+    with pytest.raises(ValueError, match="image_context_levels"):
+        M2Config.from_preset("tiny", image_context_levels=8)  # needs the action head

@@ -348,3 +348,71 @@ def test_pose_context_warm_start_and_action_head_in_a_run(prepared, tmp_path):
                 "model": {**cfg["model"], "action_classes": 1},
             }
         )
+
+
+def test_image_context_fit_and_cli(prepared, tmp_path, capsys):
+    """The image context's warm start changes only its own weights and learns the training
+    actions; `m2 fit-image-context` writes a checkpoint whose transformer weights are the
+    input's, whose config has the context, and which generation uses; bad input is exit 2."""
+    from m2core.checkpoint import load_checkpoint, save_checkpoint
+    from m2core.generate import GenerationConfig, generate
+    from m2core.model import M2Config, M2Model
+    from m2core.tokenizers.image import ImageTokenizer
+    from m2core.tokenizers.text import TextTokenizer
+    from training.data import Shards, load_meta
+    from training.image_context import main as fit_main
+    from training.image_context import warm_start
+    from training.pose_context import warm_start as pose_warm_start
+
+    meta = load_meta(prepared)
+    n_actions = len(meta["actions"])
+    small = {"dim": 32, "heads": 2, "enc_layers": 1, "dec_layers": 1}
+    base = dict(**small, image_vocab=meta["image_vocab"], text_vocab=meta["text_vocab"],
+                caption_len=meta["caption_len"], pose_context=True, action_classes=n_actions)  # fmt: skip
+    torch.manual_seed(0)
+    model = M2Model(M2Config.from_preset("tiny", **base, image_context_levels=4))
+    train = Shards(prepared, "train")
+    pose_warm_start(model, train, None, 300)  # an action head that reads the pose context
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    got = warm_start(model, train, Shards(prepared, "val"), 300, progress=False)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("image_context.") for k in changed)
+    assert got["train_ce"] < 0.75 * np.log(n_actions) and 0 <= got["val_accuracy"] <= 1
+    assert all(p.grad is None for p in model.parameters())
+
+    plain = M2Model(M2Config.from_preset("tiny", **base)).eval()
+    torch.nn.init.normal_(plain.caption_context.weight, std=0.5)  # as if trained: not zero
+    tok = ImageTokenizer.from_pretrained(prepared / "image_tokenizer")
+    ck = save_checkpoint(tmp_path / "ck", plain, tok, TextTokenizer.load(prepared))
+    plain = load_checkpoint(ck).model  # the stored weights, as the CLI reads them
+    out = tmp_path / "ck-img"
+    argv = [str(ck), "--data", str(prepared), "--out", str(out), "--steps", "20"]
+    assert fit_main(argv) == 0
+    fitted = load_checkpoint(out)
+    assert fitted.model.config.image_context_levels == 4
+    assert fitted.config["extra"]["image_context"]["steps"] == 20
+    new = fitted.model.state_dict()
+    for k, v in plain.state_dict().items():
+        assert torch.equal(new[k], v), k
+    # generation gives the context's vector to the captions only where it read the skeleton
+    shards = Shards(prepared, "val")
+    rgb = torch.from_numpy(np.asarray(shards.arrays["tok_rgb"][:4], np.int64))
+    coords = torch.from_numpy(np.asarray(shards.arrays["coords"][:4], np.int64))
+    with torch.no_grad():
+        assert fitted.model.image_caption_bias(rgb, coords).abs().sum() > 0
+    cfg = GenerationConfig(temperature=0.0, maskgit_steps=2)
+    off = GenerationConfig(temperature=0.0, maskgit_steps=2, caption_from_image=False)
+    given = {"tok_rgb": rgb, "coords": coords}
+    assert generate(fitted.model, given, cfg).captions == generate(plain, given, cfg).captions
+    assert (
+        generate(fitted.model, {"tok_rgb": rgb}, off).captions
+        == generate(plain, {"tok_rgb": rgb}, cfg).captions
+    )
+
+    assert fit_main([str(ck), "--data", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert "nope" in capsys.readouterr().err
+    ck2 = save_checkpoint(tmp_path / "ck2", M2Model(M2Config.from_preset("tiny", **{**base, "pose_context": False, "action_classes": 0})), tok)  # fmt: skip
+    assert fit_main([str(ck2), "--data", str(prepared), "--out", str(tmp_path / "o2")]) == 2
+    assert "no action head" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        fit_main([str(ck), "--data", str(prepared), "--out", str(ck)])

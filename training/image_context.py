@@ -1,0 +1,178 @@
+"""Warm start of the image context (M2Config.image_context_levels) before training.
+
+The image context reads the frame's tokens around the person and maps them into the pose
+context's hidden space, so that a caption made from the frame alone (the skeleton guessed
+from the frame, as /predict does) gets a vector that names the action. It is fitted here,
+alone, on (frame, skeleton, action) triples of the training split: the frozen action head
+must name the clip's action from its output, and its output should match the pose
+context's hidden layer on the true skeleton (which the caption decoder has learned to read
+through `caption_context`). The window is centred on the true skeleton with a random move
+of up to one token, since generation centres it on a guessed one. The transformer is not
+trained on it, and nothing else in the model changes.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from m2core.model import M2Model, skeleton_features
+from training.data import Shards
+
+MATCH_WEIGHT = 1.0  # of the mean squared distance to the pose context's hidden layer
+
+
+def _batch(shards: Shards, rows: np.ndarray) -> tuple[torch.Tensor, ...]:
+    rows = np.sort(rows)  # memory-mapped arrays read faster in order
+    rgb = torch.from_numpy(np.asarray(shards.arrays["tok_rgb"][rows], np.int64))
+    coords = torch.from_numpy(np.asarray(shards.arrays["coords"][rows], np.int64))
+    action = torch.from_numpy(np.asarray(shards.arrays["action"][rows], np.int64))
+    return rgb, coords, action
+
+
+def warm_start(
+    model: M2Model,
+    train: Shards,
+    val: Shards | None,
+    steps: int,
+    seed: int = 0,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Fit `model.image_context` for `steps` AdamW steps -> {"train_ce", "val_accuracy"
+    (the action head on the context, window on the true skeleton, as `image_hidden` reads
+    it; NaN without a val split)}. Only the image context's weights change."""
+    if model.image_context is None or model.pose_context is None or model.action_head is None:
+        raise ValueError("image_context_warmup_steps needs model.image_context_levels")
+    for name in ("tok_rgb", "coords", "action"):
+        if name not in train.arrays:
+            raise ValueError(f"image context warm start: the training split has no {name!r}")
+    rng = np.random.default_rng([seed, 0x1A6E])
+    gen = torch.Generator().manual_seed(seed)
+    net, target, head = model.image_context, model.pose_context[:2], model.action_head
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05)
+    device = next(model.parameters()).device
+    was_training = model.training
+    net.train()
+    ce = torch.zeros((), device=device)
+    for step in tqdm(range(steps), desc="image context", unit="step", disable=not progress):
+        rgb, coords, action = (
+            t.to(device) for t in _batch(train, rng.choice(len(train), min(batch_size, len(train))))
+        )
+        pos = torch.arange(coords.shape[1], device=device).expand_as(coords)
+        with torch.no_grad():
+            feats = skeleton_features(coords, pos, torch.ones_like(coords, dtype=torch.bool))
+            want = target(feats)
+        shift = torch.randint(-1, 2, (len(rgb), 2), generator=gen).to(device)
+        for g in opt.param_groups:  # cosine to 10%
+            g["lr"] = lr * (0.1 + 0.45 * (1 + np.cos(np.pi * step / max(steps, 1))))
+        got = net(rgb, feats[:, -3:-1], shift)
+        loss = F.cross_entropy(head(got), action)
+        match = F.mse_loss(got, want)
+        opt.zero_grad(set_to_none=True)
+        (loss + MATCH_WEIGHT * match).backward()
+        opt.step()
+        ce = 0.98 * ce + 0.02 * loss.detach() if step else loss.detach()
+    model.zero_grad(set_to_none=True)  # the frozen head and target got gradients too
+    out = {"train_ce": float(ce), "val_accuracy": float("nan")}
+    if val is not None and len(val):
+        model.eval()
+        rgb, coords, action = _batch(val, rng.choice(len(val), min(2048, len(val)), replace=False))
+        with torch.no_grad():
+            pred = torch.cat([
+                head(model.image_hidden(rgb[i : i + 256].to(device), coords[i : i + 256].to(device)))
+                .argmax(-1).cpu()
+                for i in range(0, len(rgb), 256)
+            ])  # fmt: skip
+        out["val_accuracy"] = float((pred == action).float().mean())
+    model.train(was_training)
+    return out
+
+
+def image_levels(image_tokenizer) -> int:
+    """The FSQ levels per code digit of an image tokenizer (all digits must share them)."""
+    levels = set(image_tokenizer.config.levels)
+    if len(levels) != 1:
+        raise ValueError(
+            f"the image context needs one FSQ level count for every digit, got {image_tokenizer.config.levels}"
+        )
+    return levels.pop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`m2 fit-image-context`: a serving checkpoint -> the same checkpoint with an image
+    context fitted on a prepared data folder (the transformer's weights are unchanged)."""
+    import argparse
+    import dataclasses
+    import logging
+    import time
+    from pathlib import Path
+
+    from m2core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from m2core.model import M2Config
+
+    log = logging.getLogger("m2.fit_image_context")
+    p = argparse.ArgumentParser(prog="m2 fit-image-context", description=main.__doc__)
+    p.add_argument(
+        "checkpoint", type=Path, help="serving checkpoint with a pose context and action head"
+    )
+    p.add_argument("--data", type=Path, required=True, help="prepared data folder (m2 prepare)")
+    p.add_argument("--out", type=Path, required=True, help="where to write the new checkpoint")
+    p.add_argument(
+        "--steps", type=int, default=3000, help="AdamW steps (default 3000: ~3 min on 2 CPU cores)"
+    )
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--storage-dtype", choices=["float16", "bfloat16"], default=None,
+                   help="store the weights at half size (loading restores fp32)")  # fmt: skip
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.batch_size < 1:
+        p.error("--steps and --batch-size must be >= 1")
+    if args.out.resolve() == args.checkpoint.resolve():
+        p.error("--out must differ from the checkpoint (it is read while the new one is written)")
+    try:
+        bundle = load_checkpoint(args.checkpoint)
+        if bundle.image_tokenizer is None:
+            raise ValueError(f"{args.checkpoint}: no image tokenizer inside")
+        old = bundle.model.config
+        if not old.action_classes:
+            raise ValueError(f"{args.checkpoint}: the model has no action head (action_classes)")
+        train, val = Shards(args.data, "train"), None
+        if (args.data / "val").is_dir():
+            val = Shards(args.data, "val")
+        if train.meta.get("image_vocab", old.image_vocab) != old.image_vocab:
+            raise ValueError(f"{args.data} and {args.checkpoint} use different image vocabularies")
+    except (OSError, ValueError, CheckpointError) as e:
+        print(f"m2 fit-image-context: {e}", file=sys.stderr)
+        return 2
+    cfg = M2Config.from_dict(
+        {**dataclasses.asdict(old), "image_context_levels": image_levels(bundle.image_tokenizer)}
+    )
+    torch.manual_seed(args.seed)
+    model = M2Model(cfg)
+    missing, unexpected = model.load_state_dict(bundle.model.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("image_context.") for k in missing), (
+        missing,
+        unexpected,
+    )
+    t0 = time.perf_counter()
+    got = warm_start(model, train, val, args.steps, args.seed, args.batch_size)
+    seconds = time.perf_counter() - t0
+    log.info("image context: %d steps in %.0f s, training CE %.3f, action head on it names the action "
+             "of %.1f%% of validation frames (window on the true skeleton)",
+             args.steps, seconds, got["train_ce"], 100 * got["val_accuracy"])  # fmt: skip
+    extra = dict(bundle.config.get("extra") or {})
+    extra["image_context"] = {"steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
+                              "seconds": round(seconds, 1), "data": str(args.data), **got}  # fmt: skip
+    card = args.checkpoint / "MODEL_CARD.md"
+    save_checkpoint(args.out, model.eval(), bundle.image_tokenizer, bundle.text_tokenizer, extra,
+                    card.read_text() if card.is_file() else None, args.storage_dtype)  # fmt: skip
+    print(
+        f"wrote {args.out} (validation action accuracy from the frame: {100 * got['val_accuracy']:.1f}%)"
+    )
+    return 0
