@@ -341,11 +341,17 @@ def generate(
         coords = torch.where(has_coords[:, None], coords, gen)
     if not bool(has_caps.all()):  # captions <- tok_rgb, coords
         slots = _pack(model, {"tok_rgb": rgb_in, "coords": (coords, torch.ones_like(coords, dtype=torch.bool))})  # fmt: skip
-        ctx, mask = timed("encode", model.encode, *slots)
-        bias = model.caption_bias(*slots)
-        guessed = ~has_coords
-        if cfg.caption_from_image and model.image_context is not None and bool(guessed.any()):
-            bias = torch.where(guessed[:, None], model.image_caption_bias(rgb, coords), bias)
+        hidden = None
+        if (
+            cfg.caption_from_image
+            and model.image_context is not None
+            and not bool(has_coords.all())
+        ):
+            # the skeleton just guessed says little about the action: read it from the frame
+            seen, _ = model.skeleton_hidden(*slots)
+            hidden = torch.where(has_coords[:, None], seen, model.image_hidden(rgb, coords))
+        ctx, mask = timed("encode", model.encode, *slots, None, hidden)
+        bias = model.caption_bias(*slots, hidden)
         gen, _ = timed("captions", decode_caption, model, ctx, mask, cfg, gens, False, table, bias)
         gen = torch.cat([torch.full((B, 1), BOS_ID, device=device), gen], 1)
         gen = torch.nn.functional.pad(gen, (0, L - gen.shape[1]), value=PAD_ID)

@@ -429,12 +429,20 @@ class M2Model(nn.Module):
 
     # --- Stages --------------------------------------------------------------------
     def encode(
-        self, ids: Tensor, mod: Tensor, pos: Tensor, valid: Tensor, table: Tensor | None = None
+        self,
+        ids: Tensor,
+        mod: Tensor,
+        pos: Tensor,
+        valid: Tensor,
+        table: Tensor | None = None,
+        context_hidden: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Encode the visible inputs -> (context (B, N, D), key mask (B, 1, 1, N) or None).
 
         The context is the projected encoder output with the input positions and
-        modalities added back (4M), ready for every decoder layer's cross-attention."""
+        modalities added back (4M), ready for every decoder layer's cross-attention.
+        `context_hidden` (B, D): the pose context's hidden layer to use instead of the one
+        computed from the input skeleton (generation passes the image context's)."""
         key_mask = None
         if not bool(valid.all()):
             # a sample without any input would give NaN attention rows: let it see slot 0
@@ -445,18 +453,30 @@ class M2Model(nn.Module):
         x = self.embed_tokens(ids, mod) + pe  # (B, N, D)
         if self.pose_context is not None:
             hidden, is_coords = self.skeleton_hidden(ids, mod, pos, valid)
+            if context_hidden is not None:
+                hidden = context_hidden
             summary = self.pose_context[2](hidden).to(x.dtype)
             x = x + summary[:, None] * is_coords[..., None]
         for block in self.encoder:
             x = block(x, key_mask)
         return self.ctx_proj(self.enc_norm(x)) + pe, key_mask
 
-    def caption_bias(self, ids: Tensor, mod: Tensor, pos: Tensor, valid: Tensor) -> Tensor | None:
+    def caption_bias(
+        self,
+        ids: Tensor,
+        mod: Tensor,
+        pos: Tensor,
+        valid: Tensor,
+        context_hidden: Tensor | None = None,
+    ) -> Tensor | None:
         """(B, D) vector added to every caption query, from the input skeleton (the encoder
-        slots as `encode` takes them); None without pose_context."""
+        slots as `encode` takes them) or from `context_hidden` as in `encode`; None without
+        pose_context."""
         if self.caption_context is None:
             return None
         hidden, is_coords = self.skeleton_hidden(ids, mod, pos, valid)
+        if context_hidden is not None:
+            hidden = context_hidden
         return self.caption_context(hidden) * is_coords.any(1, keepdim=True)
 
     # test-time shifts of the image context's window, in tokens (its hidden is averaged)
@@ -469,11 +489,6 @@ class M2Model(nn.Module):
         centre = skeleton_features(coords, pos, torch.ones_like(coords, dtype=torch.bool))
         centre = centre[:, -3:-1]
         return torch.stack([self.image_context(rgb, centre, s) for s in self.IMAGE_SHIFTS]).mean(0)
-
-    def image_caption_bias(self, rgb: Tensor, coords: Tensor) -> Tensor:
-        """`caption_bias` read from the frame around the skeleton (`image_context`) instead
-        of from the skeleton itself: for a skeleton the model guessed from the frame."""
-        return self.caption_context(self.image_hidden(rgb, coords))
 
     def skeleton_hidden(
         self, ids: Tensor, mod: Tensor, pos: Tensor, valid: Tensor

@@ -4,9 +4,11 @@
 #   WORK=data/demo GPU_MINUTES=3.2 bash scripts/make_demo.sh  # on one GPU, for that long
 # The bundled checkpoint was trained in three stages (checkpoints/m2-demo/MODEL_CARD.md has
 # the times of every stage): 3.2 minutes on one H100, then two 45-minute fine-tunes on a
-# 2-core CPU (configs/m2-tiny-finetune.yaml, configs/m2-tiny-finetune-context.yaml). Without
-# a GPU the first stage runs on the CPU and gives a far weaker model in an hour.
-# FINETUNE_MINUTES=0 skips both fine-tunes, CONTEXT_MINUTES=0 the third stage.
+# 2-core CPU (configs/m2-tiny-finetune.yaml, configs/m2-tiny-finetune-context.yaml); then
+# its image context was fitted (m2 fit-image-context, ~4 minutes). Without a GPU the first
+# stage runs on the CPU and gives a far weaker model in an hour.
+# FINETUNE_MINUTES=0 skips both fine-tunes, CONTEXT_MINUTES=0 the third stage, and
+# IMAGE_CONTEXT_STEPS=0 the image context fitted last (both need the stages before them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-data/demo}
@@ -66,6 +68,13 @@ if [ "$FINETUNE_MINUTES" != 0 ] && [ "$CONTEXT_MINUTES" != 0 ]; then  # third st
     data_dir="$WORK/prepared" output_dir="$WORK/finetune2" time_budget="$CONTEXT_MINUTES"
   m2 export --from "$WORK/finetune2" --best val/ce_mean --out "$WORK/finetune2/best"
   FINAL="$WORK/finetune2/best" CURVES="$WORK/finetune2" CARD_ARGS=(--earlier "$WORK/run/final" "$WORK/finetune/best")
+fi
+IMAGE_CONTEXT_STEPS=${IMAGE_CONTEXT_STEPS:-3000}
+if [ "$IMAGE_CONTEXT_STEPS" != 0 ] && [ "$FINETUNE_MINUTES" != 0 ] && [ "$CONTEXT_MINUTES" != 0 ]; then
+  # fourth: the image context (captions from the frame alone); the transformer is not trained
+  stage "m2 fit-image-context (${IMAGE_CONTEXT_STEPS} steps)" 2 m2 fit-image-context "$FINAL" \
+    --data "$WORK/prepared" --out "$WORK/image_context" --steps "$IMAGE_CONTEXT_STEPS"
+  FINAL="$WORK/image_context"
 fi
 # Half-precision storage keeps the bundle under 40 MB; loading restores fp32.
 python scripts/pack_checkpoint.py "$FINAL" "$CKPT" --dtype float16

@@ -141,6 +141,15 @@ def card(ckpt: Path, work: Path, history: str = "", earlier: list[Path] | None =
                      + f" Its served weights are step {ck['extra']['training']['run']['steps']}, the kept"
                      f" checkpoint with the lowest `{metric}` (`m2 export --best`).")  # fmt: skip
     last = f"{FINETUNES[len(earlier) - 1][1]}/best" if earlier else "run/final"
+    image = config.get("extra", {}).get("image_context")
+    if image:  # fitted last, on the served transformer (`m2 fit-image-context`)
+        train_cmd += (f"\nm2 fit-image-context data/demo/{last} --data data/demo/prepared "
+                      f"--out data/demo/image_context --steps {image['steps']}")  # fmt: skip
+        last = "image_context"
+        training += (f"\nLast, the image context (captions from the frame alone): {image['steps']} steps of "
+                     f"{image['batch_size']} training frames in {image['seconds'] / 60:.1f} min; the action head on "
+                     f"it names the action of {100 * image['val_accuracy']:.1f}% of validation frames (window on "
+                     "the true skeleton). The transformer's weights are those of the stage before.")  # fmt: skip
     stage = "\n".join(f"| {k} | {v / 60:.1f} min |" for k, v in times.items() if k != "machine")
     return f"""# M2 demo checkpoint (`m2-tiny`)
 
@@ -207,7 +216,8 @@ tokenizers (`m2 prepare --tokenizer checkpoints/m2-demo --all-to test`) and runs
 ADE {repro["report"]["coords_next"]["ade"]:.4f} (zero velocity {repro["report"]["coords_next"]["zero_velocity"]["ade"]:.4f}),
 FDE {repro["report"]["coords_next"]["fde"]:.4f} (zero velocity {repro["report"]["coords_next"]["zero_velocity"]["fde"]:.4f}),
 PCK@0.05 now {repro["report"]["coords"]["pck@0.05"]:.3f}, caption names the action
-{repro["report"]["captions"]["action_accuracy"]:.3f}, mean CE {repro["report"]["ce"]["mean"]:.3f}.
+{repro["report"]["captions"]["action_accuracy"]:.3f} (from the frame alone
+{repro["report"]["captions"].get("action_accuracy_from_frame", float("nan")):.3f}), mean CE {repro["report"]["ce"]["mean"]:.3f}.
 
 ## Limits
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from m2core.model import M2Model, skeleton_features
 from training.data import Shards
 
-MATCH_WEIGHT = 1.0  # of the mean squared distance to the pose context's hidden layer
+MATCH_WEIGHT = 100.0  # of the mean squared distance to the pose context's hidden layer
 
 
 def _batch(shards: Shards, rows: np.ndarray) -> tuple[torch.Tensor, ...]:

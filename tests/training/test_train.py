@@ -399,7 +399,7 @@ def test_image_context_fit_and_cli(prepared, tmp_path, capsys):
     rgb = torch.from_numpy(np.asarray(shards.arrays["tok_rgb"][:4], np.int64))
     coords = torch.from_numpy(np.asarray(shards.arrays["coords"][:4], np.int64))
     with torch.no_grad():
-        assert fitted.model.image_caption_bias(rgb, coords).abs().sum() > 0
+        assert fitted.model.image_hidden(rgb, coords).abs().sum() > 0
     cfg = GenerationConfig(temperature=0.0, maskgit_steps=2)
     off = GenerationConfig(temperature=0.0, maskgit_steps=2, caption_from_image=False)
     given = {"tok_rgb": rgb, "coords": coords}
