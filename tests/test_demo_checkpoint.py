@@ -90,13 +90,10 @@ def test_predict_on_held_out_frames_finds_the_figure(held_out):
     assert hits / total > PCK_BAR, f"PCK@0.2 {hits / total:.2f} on held-out frames"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="from a frame alone the demo model reads a rough skeleton (PCK@0.05 0.33) and "
-    "captions from it; given the true skeleton its captions name the action for 73% of "
-    "held-out frames, but not through /predict (issue 7 stays open; see the model card)",
-)
 def test_predict_on_held_out_frames_names_the_action(held_out):
+    """Through the real app, from the frame alone: the caption names the action for at least
+    6 of the 10 held-out frames (the demo: 8). This is a small sample; over 256 test-split
+    frames `m2 eval` measures 39.5% from the frame alone (the model card)."""
     named = sum(s[2] for s in held_out)
     assert named / len(ACTIONS) >= ACTION_BAR, f"caption named the action {named}/{len(ACTIONS)}"
 

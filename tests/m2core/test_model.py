@@ -416,3 +416,22 @@ def test_image_context_reads_fsq_codes_in_a_window_around_the_person():
         M2Config.from_preset("tiny", pose_context=True, action_classes=3, image_context_levels=7)
     with pytest.raises(ValueError, match="image_context_levels"):
         M2Config.from_preset("tiny", image_context_levels=8)  # needs the action head
+
+
+def test_encode_and_caption_bias_take_another_context_hidden():
+    """`context_hidden` replaces the pose context's hidden layer computed from the input
+    skeleton (generation passes the image context's): its own hidden gives the same
+    context and caption bias, another one changes both."""
+    batch = _batch(seed=4)
+    model = _model(seed=2, pose_basis=True, pose_context=True).eval()
+    for layer in (model.pose_context[2], model.caption_context):
+        torch.nn.init.normal_(layer.weight, std=0.2)
+    slots = (batch["enc_ids"], batch["enc_mod"], batch["enc_pos"], batch["enc_valid"])
+    with torch.no_grad():
+        own, _ = model.skeleton_hidden(*slots)
+        base, same = model.encode(*slots)[0], model.encode(*slots, None, own)[0]
+        torch.testing.assert_close(base, same)
+        torch.testing.assert_close(model.caption_bias(*slots), model.caption_bias(*slots, own))
+        other = torch.randn_like(own)
+        assert not torch.allclose(model.encode(*slots, None, other)[0], base)
+        assert not torch.allclose(model.caption_bias(*slots, other), model.caption_bias(*slots))
