@@ -408,6 +408,12 @@ def test_image_context_fit_and_cli(prepared, tmp_path, capsys):
         generate(fitted.model, {"tok_rgb": rgb}, off).captions
         == generate(plain, {"tok_rgb": rgb}, cfg).captions
     )
+    # a batch that mixes given and guessed skeletons (the service batches requests)
+    mixed = coords.clone()
+    mixed[2:] = -1
+    got = generate(fitted.model, {"tok_rgb": rgb, "coords": mixed}, cfg).captions
+    alone = generate(fitted.model, {"tok_rgb": rgb}, cfg).captions
+    assert got[:2] == generate(plain, given, cfg).captions[:2] and got[2:] == alone[2:]
 
     assert fit_main([str(ck), "--data", str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert "nope" in capsys.readouterr().err
