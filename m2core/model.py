@@ -789,7 +789,8 @@ class ImageContext(nn.Module):
         self, ids: Tensor, centre: Tensor, shift: Tensor | tuple[int, int] = (0, 0)
     ) -> Tensor:
         """(B, G*G) token ids, (B, 2) centres (x, y in [0, 1] of the frame) -> (B, CROP, CROP)
-        ids of the window around each centre, moved by `shift` tokens ((2,) or (B, 2): x, y) and kept inside."""
+        ids of the window around each centre, moved by `shift` tokens ((2,) or (B, 2): x, y)
+        and kept inside the grid."""
         B, n = ids.shape
         g = math.isqrt(n)
         step = torch.arange(self.CROP, device=ids.device)

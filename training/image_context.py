@@ -1,4 +1,4 @@
-"""Warm start of the image context (M2Config.image_context_levels) before training.
+"""Fitting the image context (M2Config.image_context_levels) of a trained model.
 
 The image context reads the frame's tokens around the person and maps them into the pose
 context's hidden space, so that a caption made from the frame alone (the skeleton guessed
@@ -55,7 +55,9 @@ def warm_start(
     (the action head on the context, window on the true skeleton, as `image_hidden` reads
     it; NaN without a val split)}. Only the image context's weights change."""
     if model.image_context is None or model.pose_context is None or model.action_head is None:
-        raise ValueError("image_context_warmup_steps needs model.image_context_levels")
+        raise ValueError(
+            "fitting the image context needs model.image_context_levels (and so an action head)"
+        )
     for name in ("tok_rgb", "coords", "action"):
         if name not in train.arrays:
             raise ValueError(f"image context warm start: the training split has no {name!r}")
@@ -85,7 +87,7 @@ def warm_start(
         (loss + MATCH_WEIGHT * match).backward()
         opt.step()
         ce = 0.98 * ce + 0.02 * loss.detach() if step else loss.detach()
-    model.zero_grad(set_to_none=True)  # the frozen head and target got gradients too
+    model.zero_grad(set_to_none=True)  # the frozen action head got gradients too
     out = {"train_ce": float(ce), "val_accuracy": float("nan")}
     if val is not None and len(val):
         model.eval()

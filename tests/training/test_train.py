@@ -379,6 +379,8 @@ def test_image_context_fit_and_cli(prepared, tmp_path, capsys):
     assert changed and all(k.startswith("image_context.") for k in changed)
     assert got["train_ce"] < 0.75 * np.log(n_actions) and 0 <= got["val_accuracy"] <= 1
     assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match=r"needs model\.image_context_levels"):
+        warm_start(M2Model(M2Config.from_preset("tiny", **base)), train, None, 1)
 
     plain = M2Model(M2Config.from_preset("tiny", **base)).eval()
     torch.nn.init.normal_(plain.caption_context.weight, std=0.5)  # as if trained: not zero
