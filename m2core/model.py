@@ -453,9 +453,7 @@ class M2Model(nn.Module):
         pe = self.embed_positions(mod, pos, table)
         x = self.embed_tokens(ids, mod) + pe  # (B, N, D)
         if self.pose_context is not None:
-            hidden, is_coords = self.skeleton_hidden(ids, mod, pos, valid)
-            if context_hidden is not None:
-                hidden = context_hidden
+            hidden, is_coords = self._context_hidden(ids, mod, pos, valid, context_hidden)
             summary = self.pose_context[2](hidden).to(x.dtype)
             x = x + summary[:, None] * is_coords[..., None]
         for block in self.encoder:
@@ -475,9 +473,7 @@ class M2Model(nn.Module):
         pose_context."""
         if self.caption_context is None:
             return None
-        hidden, is_coords = self.skeleton_hidden(ids, mod, pos, valid)
-        if context_hidden is not None:
-            hidden = context_hidden
+        hidden, is_coords = self._context_hidden(ids, mod, pos, valid, context_hidden)
         return self.caption_context(hidden) * is_coords.any(1, keepdim=True)
 
     # test-time shifts of the image context's window, in tokens (its hidden is averaged)
@@ -498,6 +494,14 @@ class M2Model(nn.Module):
         tokens (B, N)). The context's output, the caption map and the action head read it."""
         is_coords = valid & (mod == self.names.index("coords"))
         return self.pose_context[:2](skeleton_features(ids, pos, is_coords)), is_coords
+
+    def _context_hidden(
+        self, ids: Tensor, mod: Tensor, pos: Tensor, valid: Tensor, given: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """`skeleton_hidden`, or `given` in place of the hidden layer when there is one."""
+        if given is None:
+            return self.skeleton_hidden(ids, mod, pos, valid)
+        return given, valid & (mod == self.names.index("coords"))
 
     def context_kv(self, context: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Cross-attention keys/values of every decoder layer (computed once per context)."""

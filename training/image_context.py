@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from m2core.model import M2Model, skeleton_features
 from training.data import Shards
+from training.pose_context import cosine_to_tenth
 
 # Weight of the mean squared distance to the pose context's hidden layer, beside the action
 # CE. Captions from the frame alone named the action of 256 validation frames for 34.8% at
@@ -41,7 +42,7 @@ def _batch(shards: Shards, rows: np.ndarray) -> tuple[torch.Tensor, ...]:
     return rgb, coords, action
 
 
-def warm_start(
+def fit(
     model: M2Model,
     train: Shards,
     val: Shards | None,
@@ -78,8 +79,8 @@ def warm_start(
             feats = skeleton_features(coords, pos, torch.ones_like(coords, dtype=torch.bool))
             want = target(feats)
         shift = torch.randint(-1, 2, (len(rgb), 2), generator=gen).to(device)
-        for g in opt.param_groups:  # cosine to 10%
-            g["lr"] = lr * (0.1 + 0.45 * (1 + np.cos(np.pi * step / max(steps, 1))))
+        for g in opt.param_groups:
+            g["lr"] = cosine_to_tenth(lr, step, steps)
         got = net(rgb, feats[:, -3:-1], shift)
         loss = F.cross_entropy(head(got), action)
         match = F.mse_loss(got, want)
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         unexpected,
     )
     t0 = time.perf_counter()
-    got = warm_start(model, train, val, args.steps, args.seed, args.batch_size)
+    got = fit(model, train, val, args.steps, args.seed, args.batch_size)
     seconds = time.perf_counter() - t0
     log.info("image context: %d steps in %.0f s, training CE %.3f, action head on it names the action "
              "of %.1f%% of validation frames (window on the true skeleton)",

@@ -36,6 +36,11 @@ def _batch(shards: Shards, rows: np.ndarray, rng: np.random.Generator, drop: boo
     return skeleton_features(ids, pos, keep), action
 
 
+def cosine_to_tenth(lr: float, step: int, steps: int) -> float:
+    """The learning rate of step `step` of `steps`: cosine from `lr` down to `lr` / 10."""
+    return lr * (0.1 + 0.45 * (1 + np.cos(np.pi * step / max(steps, 1))))
+
+
 def warm_start(
     model: M2Model,
     train: Shards,
@@ -59,8 +64,8 @@ def warm_start(
     ce = torch.zeros((), device=device)
     for step in range(steps):
         x, y = _batch(train, rng.choice(len(train), min(batch_size, len(train))), rng, True)
-        for g in opt.param_groups:  # cosine to 10%
-            g["lr"] = lr * (0.1 + 0.45 * (1 + np.cos(np.pi * step / max(steps, 1))))
+        for g in opt.param_groups:
+            g["lr"] = cosine_to_tenth(lr, step, steps)
         loss = F.cross_entropy(head(hidden(x.to(device))), y.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -360,8 +360,8 @@ def test_image_context_fit_and_cli(prepared, tmp_path, capsys):
     from m2core.tokenizers.image import ImageTokenizer
     from m2core.tokenizers.text import TextTokenizer
     from training.data import Shards, load_meta
+    from training.image_context import fit
     from training.image_context import main as fit_main
-    from training.image_context import warm_start
     from training.pose_context import warm_start as pose_warm_start
 
     meta = load_meta(prepared)
@@ -374,13 +374,13 @@ def test_image_context_fit_and_cli(prepared, tmp_path, capsys):
     train = Shards(prepared, "train")
     pose_warm_start(model, train, None, 300)  # an action head that reads the pose context
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    got = warm_start(model, train, Shards(prepared, "val"), 300, progress=False)
+    got = fit(model, train, Shards(prepared, "val"), 300, progress=False)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("image_context.") for k in changed)
     assert got["train_ce"] < 0.75 * np.log(n_actions) and 0 <= got["val_accuracy"] <= 1
     assert all(p.grad is None for p in model.parameters())
     with pytest.raises(ValueError, match=r"needs model\.image_context_levels"):
-        warm_start(M2Model(M2Config.from_preset("tiny", **base)), train, None, 1)
+        fit(M2Model(M2Config.from_preset("tiny", **base)), train, None, 1)
 
     plain = M2Model(M2Config.from_preset("tiny", **base)).eval()
     torch.nn.init.normal_(plain.caption_context.weight, std=0.5)  # as if trained: not zero
