@@ -135,15 +135,6 @@ def _pack(model: M2Model, known: Mapping[str, tuple[Tensor, Tensor]]) -> tuple[T
     return tuple(torch.cat(t, dim=1) for t in (ids, mod, pos, valid))
 
 
-def _vocab_mask(model: M2Model, name: str, n: int, device: torch.device) -> Tensor | None:
-    """(n, V) bool of the ids each position of a pose modality may take, else None."""
-    if model.config.registry()[name].kind != "pose":
-        return None
-    is_flag = torch.arange(model.config.registry()[name].vocab_size, device=device) >= POSE_BINS
-    comp_is_flag = (torch.arange(n, device=device) % 3 == 2)[:, None]
-    return is_flag[None, :] == comp_is_flag
-
-
 def maskgit(
     model: M2Model,
     name: str,
@@ -162,7 +153,8 @@ def maskgit(
     ids = torch.full((B, n), -1, dtype=torch.long, device=device)
     mod = torch.full_like(ids, model.names.index(name))
     pos = torch.arange(n, device=device).expand(B, n)
-    allowed = _vocab_mask(model, name, n, device)
+    # a pose modality's every third slot is a visibility flag, the rest coordinate bins
+    is_flag = pos % 3 == 2 if reg[name].kind == "pose" else None
     n_masked, T = n, cfg.maskgit_steps
     for t in range(1, T + 1):
         x = model.embed_queries(ids, mod, pos, table, prior)
@@ -171,10 +163,9 @@ def maskgit(
         order = (ids >= 0).to(torch.int8).argsort(dim=1, stable=True)[:, :n_masked]
         hm = h.gather(1, order[..., None].expand(-1, -1, h.shape[-1])).flatten(0, 1)
         pm = prior.gather(1, order).flatten() if prior is not None else None
-        logits = model.head_logits(name, hm, pm)
+        flag = is_flag.gather(1, order).flatten() if is_flag is not None else None
+        logits = model.head_logits(name, hm, pm, flag)
         logits = logits.view(B, n_masked, logits.shape[-1]).float()
-        if allowed is not None:
-            logits = logits.masked_fill(~allowed[order], float("-inf"))
         u = _uniform(gens, (n_masked,), device)
         sampled, prob = sample_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p, u)
         median = cfg.future_pose_median if name == "coords_next" else cfg.present_pose_median

@@ -302,6 +302,10 @@ class M2Model(nn.Module):
                 if config.present_prior and reg[n].kind == "pose"
             }
         )
+        offsets = torch.arange(-_MAX_OFFSET, _MAX_OFFSET + 1, dtype=torch.float32)
+        self.register_buffer(
+            "copy_bump", torch.exp(-0.5 * (offsets / _COPY_WIDTH) ** 2), persistent=False
+        )
         self.shift_heads = nn.ModuleDict(
             {n: nn.Linear(D, 2) for n in self.offset_heads} if config.pose_shift else {}
         )
@@ -403,12 +407,27 @@ class M2Model(nn.Module):
         x[coord] = self.pose_value(self.bin_feats[ids[coord]]).to(x.dtype)
         return x
 
-    def pose_logits(self, name: str, h: Tensor) -> Tensor:
-        """(n, D) -> (n, POSE_BINS + 2) logits of a pose head (coordinate bins, then flags)."""
+    def pose_logits(self, name: str, h: Tensor, is_flag: Tensor | None = None) -> Tensor:
+        """(n, D) -> (n, POSE_BINS + 2) logits of a pose head (coordinate bins, then flags).
+        With `is_flag` (n,) bool, each slot gets logits of its own kind only (a flag slot
+        the two flags, a coordinate slot the bins) and -inf for the rest, which are not
+        computed: generation needs no more, and the bins of flag slots are a third of the
+        head's work."""
+        head = self.heads[name]  # with pose_basis: the two flags' rows only
         if name not in self.pose_head_basis:
-            return self.heads[name](h)
-        coord = self.pose_head_basis[name](h) @ self.bin_feats.to(h.dtype).T
-        return torch.cat([coord, self.heads[name](h)], dim=-1)
+            out = head(h)
+            if is_flag is None:
+                return out
+            flag_column = torch.arange(out.shape[1], device=h.device) >= POSE_BINS
+            return out.masked_fill(is_flag[:, None] != flag_column, float("-inf"))
+        basis = self.bin_feats.to(h.dtype).T
+        if is_flag is None:
+            return torch.cat([self.pose_head_basis[name](h) @ basis, head(h)], dim=-1)
+        out = h.new_full((len(h), POSE_BINS + 2), float("-inf"))
+        coord, flag = (~is_flag).nonzero().squeeze(1), is_flag.nonzero().squeeze(1)
+        out[coord, :POSE_BINS] = self.pose_head_basis[name](h.index_select(0, coord)) @ basis
+        out[flag, POSE_BINS:] = head(h.index_select(0, flag))
+        return out
 
     def adapt_state_dict(self, stored: dict[str, Tensor]) -> dict[str, Tensor]:
         """Weights of a model without `pose_basis` -> this model's, when it has one: the
@@ -530,38 +549,48 @@ class M2Model(nn.Module):
             x = x + torch.where((prior >= 0)[..., None], present, 0.0)
         return x
 
-    def head_logits(self, name: str, h: Tensor, prior: Tensor | None = None) -> Tensor:
+    def head_logits(
+        self, name: str, h: Tensor, prior: Tensor | None = None, is_flag: Tensor | None = None
+    ) -> Tensor:
         """(n, D) decoder states of one modality's slots -> (n, V) logits, with the learned
-        bonus on the present token (pose coordinates: a bump over nearby bins)."""
-        out = self.pose_logits(name, h) if self.kinds[name] == "pose" else self.heads[name](h)
+        bonus on the present token (pose coordinates: a bump over nearby bins). `is_flag`
+        (pose only): which slots are visibility flags (`pose_logits`)."""
+        pose = self.kinds[name] == "pose"
+        out = self.pose_logits(name, h, is_flag) if pose else self.heads[name](h)
         if prior is None or name not in self.copy_gain:
             return out
+        gain = self.copy_gain[name]
         has = prior >= 0
-        if self.kinds[name] == "pose":
-            coord = has & (prior < POSE_BINS)
-            bins = torch.arange(POSE_BINS, device=h.device, dtype=out.dtype)
-            bump = torch.exp(-0.5 * ((bins - prior[:, None].to(out.dtype)) / _COPY_WIDTH) ** 2)
-            bonus = torch.zeros_like(out)
-            bonus[:, :POSE_BINS] = bump * coord[:, None]
-            flag = (has & ~coord).nonzero().squeeze(1)
-            bonus[flag, prior[flag]] = 1.0
-            if name in self.offset_heads:
-                rel = self.offset_heads[name](h)  # (n, 2K+1) logits over offsets -K..K
-                idx = bins.long()[None] - prior[:, None] + _MAX_OFFSET  # (n, bins)
-                inside = (idx >= 0) & (idx <= 2 * _MAX_OFFSET) & coord[:, None]
-                shift = rel.gather(1, idx.clamp(0, 2 * _MAX_OFFSET)) * inside
-                if name in self.shift_heads:
-                    raw = self.shift_heads[name](h).float() * _SHIFT_GAIN  # (n, 2): mu, log b
-                    mu = raw[:, 0] * _SHIFT_UNIT
-                    b = _SHIFT_UNIT * raw[:, 1].clamp(-5.0, 5.0).exp()
-                    dist = (bins.float()[None] - prior[:, None] - mu[:, None]).abs()
-                    shift = shift - (dist / b[:, None] * coord[:, None]).to(shift.dtype)
-                out = torch.cat([out[:, :POSE_BINS] + shift, out[:, POSE_BINS:]], dim=1)
-        else:
-            bonus = torch.zeros_like(out)
-            idx = has.nonzero().squeeze(1)
-            bonus[idx, prior[idx]] = 1.0
-        return out + self.copy_gain[name] * bonus
+        if not pose:
+            rows = has.nonzero().squeeze(1)
+            return out.index_put((rows, prior[rows]), gain.to(out.dtype), accumulate=True)
+        # Pose: a flag's present token gets the bonus as above. A coordinate's whole row of
+        # bins gets terms in its offset from the present bin, computed on those rows only
+        # (a third of a skeleton's slots are flags, and (rows, 8192) tensors dominate the
+        # cost of generating a future skeleton).
+        coord = has & (prior < POSE_BINS)
+        rows, flags = coord.nonzero().squeeze(1), (has & ~coord).nonzero().squeeze(1)
+        out = out.index_put((flags, prior[flags]), gain.to(out.dtype), accumulate=True)
+        if rows.numel() == 0:
+            return out
+        # offset of every bin from the present one: exact integers (bins up to 8191 are not
+        # all representable in bf16, so this is computed in int64 and converted where used)
+        offset = torch.arange(POSE_BINS, device=h.device)[None] - prior[rows, None]
+        # The copy bump is a function of the offset alone, and 0 in float32 beyond the
+        # offset head's reach (exp(-0.5 (2049/64)^2) underflows): it is added to that head's
+        # logits, one row of 2K+1 offsets, instead of computed per bin.
+        # A zero column at each end stands for every offset beyond the head's reach.
+        hc = h.index_select(0, rows)
+        rel = self.offset_heads[name](hc) + gain * self.copy_bump.to(out.dtype)
+        rel = F.pad(rel, (1, 1))  # (rows, 2K+3): offsets -K-1..K+1
+        term = rel.gather(1, (offset + _MAX_OFFSET + 1).clamp_(0, 2 * _MAX_OFFSET + 2))
+        if name in self.shift_heads:
+            raw = self.shift_heads[name](hc).float() * _SHIFT_GAIN  # (rows, 2): mu, log b
+            mu = raw[:, 0] * _SHIFT_UNIT
+            b = _SHIFT_UNIT * raw[:, 1].clamp(-5.0, 5.0).exp()
+            term = term - ((offset - mu[:, None]).abs() / b[:, None]).to(term.dtype)
+        pad = torch.zeros(len(rows), out.shape[1] - POSE_BINS, dtype=term.dtype, device=h.device)
+        return out.index_add(0, rows, torch.cat([term, pad], 1).to(out.dtype))
 
     def target_mask(self, mod: Tensor, valid: Tensor) -> Tensor:
         """(B, 1, Nt, Nt) bool: same modality group, and causal inside a text group."""

@@ -435,3 +435,48 @@ def test_encode_and_caption_bias_take_another_context_hidden():
         other = torch.randn_like(own)
         assert not torch.allclose(model.encode(*slots, None, other)[0], base)
         assert not torch.allclose(model.caption_bias(*slots, other), model.caption_bias(*slots))
+
+
+@pytest.mark.parametrize("basis", [False, True])
+def test_pose_head_logits_match_their_definition_and_is_flag_computes_one_kind(basis):
+    """head_logits on a future skeleton, against the definition written out per bin: the
+    head's logits; plus, on a coordinate slot, copy_gain * exp(-(offset / width)^2 / 2),
+    the offset head's logit within its reach and -|offset - mu| / b; on a flag slot,
+    copy_gain on the present flag. With is_flag, each slot's logits of its own kind are the
+    same and the rest are -inf."""
+    from m2core.model import _COPY_WIDTH, _MAX_OFFSET, _SHIFT_GAIN, _SHIFT_UNIT
+
+    model = _model(pose_shift=True, pose_basis=basis).double()
+    with torch.no_grad():
+        for p in [*model.offset_heads.parameters(), *model.shift_heads.parameters()]:
+            p.normal_(0.0, 0.1)
+    name, n = "coords_next", 12
+    torch.manual_seed(0)
+    h = torch.randn(n, SMALL["dim"], dtype=torch.float64)
+    is_flag = torch.arange(n) % 3 == 2
+    prior = torch.where(is_flag, 8192 + torch.arange(n) % 2, torch.tensor([0, 40, 8191, 5000] * 3))
+    prior[4] = -1  # a slot without a present token gets no bonus
+    gain = model.copy_gain[name]
+    with torch.no_grad():
+        want = model.pose_logits(name, h).clone()
+        rel = model.offset_heads[name](h)
+        raw = model.shift_heads[name](h).float() * _SHIFT_GAIN  # the shift is float32
+        for i in range(n):
+            if prior[i] < 0:
+                continue
+            if is_flag[i]:
+                want[i, prior[i]] += gain
+                continue
+            offset = torch.arange(8192, dtype=torch.float64) - prior[i]
+            reach = offset.abs() <= _MAX_OFFSET
+            want[i, :8192] += gain * torch.exp(-0.5 * (offset / _COPY_WIDTH) ** 2)
+            want[i, :8192][reach] += rel[i, (offset[reach] + _MAX_OFFSET).long()]
+            b = _SHIFT_UNIT * raw[i, 1].clamp(-5, 5).exp()
+            want[i, :8192] -= (offset.float() - raw[i, 0] * _SHIFT_UNIT).abs() / b
+        got = model.head_logits(name, h, prior)
+        # float32 in the shift term: mu and b are computed in float32
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        one_kind = model.head_logits(name, h, prior, is_flag)
+    own = is_flag[:, None] == (torch.arange(8194) >= 8192)[None]
+    assert torch.isinf(one_kind[~own]).all() and (one_kind[~own] < 0).all()
+    torch.testing.assert_close(one_kind[own], want[own], rtol=0, atol=1e-6)
