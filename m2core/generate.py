@@ -44,7 +44,7 @@ from m2core.model import M2Model
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    steps: int = 1  # roll-out steps
+    steps: int = 1  # roll-out steps; 0 = the present only (skeleton and caption)
     maskgit_steps: int = 8  # per image / pose modality
     temperature: float = 1.0  # MaskGIT sampling; 0 = argmax
     top_k: int = 0  # 0 = off (MaskGIT and sampled captions)
@@ -68,9 +68,9 @@ class GenerationConfig:
     caption_from_image: bool = True
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.maskgit_steps < 1:
+        if self.steps < 0 or self.maskgit_steps < 1:
             raise ValueError(
-                f"steps and maskgit_steps must be >= 1, got {self.steps}, {self.maskgit_steps}"
+                f"need steps >= 0 and maskgit_steps >= 1, got {self.steps}, {self.maskgit_steps}"
             )
         if self.temperature < 0 or self.caption_temperature < 0 or self.choice_temperature < 0:
             raise ValueError("temperatures must be >= 0")
@@ -370,8 +370,10 @@ def generate(
     return GenerationResult(
         coords=first_coords,
         captions=[_strip(row) for row in caps.tolist()],
-        coords_next=torch.stack(out_next, 1),
-        tok_rgb_next=torch.stack(out_rgb, 1),
+        coords_next=torch.stack(out_next, 1)
+        if out_next
+        else rgb.new_empty((B, 0, FUTURE_FRAMES * TOKENS_PER_POSE)),
+        tok_rgb_next=torch.stack(out_rgb, 1) if out_rgb else rgb.new_empty((B, 0, rgb.shape[1])),
         timings=dict(times),
     )
 

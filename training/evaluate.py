@@ -20,6 +20,7 @@ Protocols (all on a fixed, seeded subset of the split):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -128,6 +129,7 @@ def evaluate(
     mcfg = MaskingConfig(mc.input_tokens, mc.target_tokens)
     mdata = MaskedDataset(shards, lambda s, g: mask_sample(s, mcfg, g), seed + 1)
     gen_cfg = GenerationConfig(maskgit_steps=maskgit_steps, temperature=0.0, seed=seed)
+    now_cfg = dataclasses.replace(gen_cfg, steps=0)
     pred_now, pred_next, pred_rgb, captions, frame_captions = [], [], [], [], []
     with torch.no_grad():
         for i in tqdm(range(0, len(rows), batch_size), desc="eval", unit="batch"):
@@ -142,7 +144,7 @@ def evaluate(
             for name, (ce, k) in modality_ce(model(mb)[0], mb, names).items():
                 acc_ = masked.setdefault(name, [0.0, 0])
                 acc_[0], acc_[1] = acc_[0] + float(ce), acc_[1] + int(k)
-            a = generate(model, {"tok_rgb": full["tok_rgb"]}, gen_cfg)
+            a = generate(model, {"tok_rgb": full["tok_rgb"]}, now_cfg)  # the present only
             b = generate(model, {"tok_rgb": full["tok_rgb"], "coords": full["coords"]}, gen_cfg)
             pred_now.append(a.coords.numpy())
             pred_next.append(b.coords_next[:, 0].numpy())

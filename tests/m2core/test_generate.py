@@ -166,6 +166,19 @@ def test_bad_inputs_are_refused(model):
         generate(model, {"tok_rgb": rgb}, GenerationConfig(seed=[1, 2, 3]))
     with pytest.raises(ValueError, match="steps"):
         GenerationConfig(maskgit_steps=0)
+    with pytest.raises(ValueError, match="steps"):
+        GenerationConfig(steps=-1)
+
+
+def test_zero_steps_give_the_present_alone_and_the_same_present(model):
+    """steps=0 (m2 eval's frame-only pass): the skeleton and caption that a full chain
+    gives, and no future."""
+    rgb, _ = _inputs(B=2, seed=4)
+    full = generate(model, {"tok_rgb": rgb}, GenerationConfig(seed=[3, 4]))
+    now = generate(model, {"tok_rgb": rgb}, GenerationConfig(seed=[3, 4], steps=0))
+    assert torch.equal(now.coords, full.coords) and now.captions == full.captions
+    assert now.coords_next.shape == (2, 0, 234) and now.tok_rgb_next.shape == (2, 0, 256)
+    assert "coords_next" not in now.timings
 
 
 def test_present_prior_makes_an_untrained_model_start_from_zero_velocity():
