@@ -144,9 +144,11 @@ def maskgit(
     gens: list[torch.Generator],
     pos_table: Tensor | None = None,
     prior: Tensor | None = None,
+    motion: Tensor | None = None,
 ) -> Tensor:
     """Generate all tokens of one image / pose modality -> (B, n) ids, none left masked.
-    `prior` (B, n): the present token at each position of a future modality (model.py)."""
+    `prior` (B, n): the present token at each position of a future modality (model.py);
+    `motion` (B, n): each future coordinate's displacement in bins (`M2Model.motion_bins`)."""
     reg = model.config.registry()
     table = model.pos_table() if pos_table is None else pos_table
     B, n, device = kv[0][0].shape[0], reg[name].num_tokens, kv[0][0].device
@@ -164,7 +166,8 @@ def maskgit(
         hm = h.gather(1, order[..., None].expand(-1, -1, h.shape[-1])).flatten(0, 1)
         pm = prior.gather(1, order).flatten() if prior is not None else None
         flag = is_flag.gather(1, order).flatten() if is_flag is not None else None
-        logits = model.head_logits(name, hm, pm, flag)
+        mm = motion.gather(1, order).flatten() if motion is not None else None
+        logits = model.head_logits(name, hm, pm, flag, mm)
         logits = logits.view(B, n_masked, logits.shape[-1]).float()
         u = _uniform(gens, (n_masked,), device)
         sampled, prob = sample_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p, u)
@@ -356,11 +359,14 @@ def generate(
         })  # fmt: skip
         kv = model.context_kv(ctx)
         now_pose = coords.repeat(1, FUTURE_FRAMES)  # the present, as every future frame's prior
+        motion = None
+        if model.motion is not None:
+            pos = torch.arange(coords.shape[1], device=device).expand_as(coords)
+            motion = model.motion_bins(coords, pos, torch.ones_like(coords, dtype=torch.bool))
         out_next.append(
-            timed(
-                "coords_next", maskgit, model, "coords_next", kv, mask, cfg, gens, table, now_pose
-            )
-        )
+            timed("coords_next", maskgit, model, "coords_next", kv, mask, cfg, gens, table,
+                  now_pose, motion)
+        )  # fmt: skip
         out_rgb.append(
             timed("tok_rgb_next", maskgit, model, "tok_rgb_next", kv, mask, cfg, gens, table,
                   rgb_in[0])

@@ -137,6 +137,19 @@ class M2Config:
     # generalised (47-56%). Fitted after training (`m2 fit-image-context`,
     # training/image_context.py); the transformer does not train it. Needs action_classes.
     image_context_levels: int = 0
+    # The forecast from the skeleton's shape. The action and phase of a pose fix most of its
+    # next six frames (nearest neighbours on the normalised skeleton: ADE 33% below zero
+    # velocity), but the transformer, trained on the CPU for an hour, moved only 4-8% of
+    # that way. With this set (the hidden width; 0 = off) an MLP over the present
+    # skeleton's features (`skeleton_features`, as the pose context) regresses each joint's
+    # displacement at t+1..t+6 in units of the skeleton's extent, and a future coordinate's
+    # copy terms (bump, offset logits, Laplace) are centred on the present bin moved by it:
+    # the transformer's learnt corrections then apply around the shape's forecast instead
+    # of around standing still. Making it only the Laplace term's mean moved the demo's
+    # forecast from 5.8% to 11.7% below zero velocity on 256 validation frames (that term is
+    # wide, b ~ 1,000 bins); moving the centre, to 25.7%. Fitted after training
+    # (`m2 fit-motion`, training/motion.py); the transformer does not train it.
+    motion_width: int = 0
 
     def __post_init__(self) -> None:
         for name in ("dim", "enc_layers", "dec_layers", "heads", "input_tokens", "target_tokens"):
@@ -158,6 +171,10 @@ class M2Config:
                     f"M2Config.image_context_levels={levels} needs action_classes and must be "
                     f"the FSQ levels of the image vocabulary ({vocab} = levels ** digits)"
                 )
+        if self.motion_width < 0 or (self.motion_width and not self.present_prior):
+            raise ValueError(
+                f"M2Config.motion_width={self.motion_width} needs present_prior=true and >= 0"
+            )
         self.registry()  # validates the vocabulary sizes
 
     @classmethod
@@ -324,6 +341,15 @@ class M2Model(nn.Module):
             if config.image_context_levels
             else None
         )
+        w = config.motion_width
+        self.motion = (
+            nn.Sequential(
+                nn.Linear(_CONTEXT_FEATURES, w), nn.GELU(), nn.Linear(w, w), nn.GELU(),
+                nn.Linear(w, w), nn.GELU(), nn.Linear(w, FUTURE_FRAMES * NUM_JOINTS * 2),
+            )
+            if w
+            else None
+        )  # fmt: skip
         self._init_weights()
         log.info("M2Model %s: %.2fM parameters", config.preset, self.num_params() / 1e6)
 
@@ -358,6 +384,10 @@ class M2Model(nn.Module):
             nn.init.zeros_(self.caption_context.bias)
         if self.image_context is not None:
             self.image_context.reset_parameters()
+        if self.motion is not None:  # a small MLP fitted alone: PyTorch's default init
+            for m in self.motion:
+                if isinstance(m, nn.Linear):
+                    m.reset_parameters()
         for head in self.shift_heads.values():  # mu = 0, b = _SHIFT_SCALE0
             nn.init.zeros_(head.weight)
             head.bias.data.copy_(
@@ -514,6 +544,16 @@ class M2Model(nn.Module):
         is_coords = valid & (mod == self.names.index("coords"))
         return self.pose_context[:2](skeleton_features(ids, pos, is_coords)), is_coords
 
+    def motion_bins(self, ids: Tensor, pos: Tensor, is_coords: Tensor) -> Tensor:
+        """Input slots as `skeleton_features` takes them -> (B, 234) each future coordinate's
+        displacement from the present in bins, from `self.motion`: 0 on the visibility
+        flags, NaN for a sample without a skeleton token (its shift head is used)."""
+        feats = skeleton_features(ids, pos, is_coords)
+        extent = feats[:, -1].exp()[:, None, None, None]  # of the placed joints, frame units
+        move = self.motion(feats).view(-1, FUTURE_FRAMES, NUM_JOINTS, 2) * extent * POSE_BINS
+        move = F.pad(move, (0, 1)).flatten(1)  # (B, 6 * 13 * 3): x, y, flag
+        return move.masked_fill(~is_coords.any(1, keepdim=True), float("nan"))
+
     def _context_hidden(
         self, ids: Tensor, mod: Tensor, pos: Tensor, valid: Tensor, given: Tensor | None
     ) -> tuple[Tensor, Tensor]:
@@ -550,11 +590,19 @@ class M2Model(nn.Module):
         return x
 
     def head_logits(
-        self, name: str, h: Tensor, prior: Tensor | None = None, is_flag: Tensor | None = None
+        self,
+        name: str,
+        h: Tensor,
+        prior: Tensor | None = None,
+        is_flag: Tensor | None = None,
+        motion: Tensor | None = None,
     ) -> Tensor:
         """(n, D) decoder states of one modality's slots -> (n, V) logits, with the learned
         bonus on the present token (pose coordinates: a bump over nearby bins). `is_flag`
-        (pose only): which slots are visibility flags (`pose_logits`)."""
+        (pose only): which slots are visibility flags (`pose_logits`). `motion` (n,): each
+        slot's displacement in bins from `motion_bins` (NaN: none); a future coordinate's
+        bump, offset logits and Laplace term are then centred on the present bin moved by
+        it instead of on the present bin."""
         pose = self.kinds[name] == "pose"
         out = self.pose_logits(name, h, is_flag) if pose else self.heads[name](h)
         if prior is None or name not in self.copy_gain:
@@ -575,7 +623,12 @@ class M2Model(nn.Module):
             return out
         # offset of every bin from the present one: exact integers (bins up to 8191 are not
         # all representable in bf16, so this is computed in int64 and converted where used)
-        offset = torch.arange(POSE_BINS, device=h.device)[None] - prior[rows, None]
+        ref = prior[rows]  # the bin every term below is centred on: the present, or moved
+        if motion is not None:
+            move = motion[rows]
+            moved = (ref + move.nan_to_num(0.0).round().long()).clamp(0, POSE_BINS - 1)
+            ref = torch.where(move.isnan(), ref, moved)
+        offset = torch.arange(POSE_BINS, device=h.device)[None] - ref[:, None]
         # The copy bump is a function of the offset alone, and 0 in float32 beyond the
         # offset head's reach (exp(-0.5 (2049/64)^2) underflows): it is added to that head's
         # logits, one row of 2K+1 offsets, instead of computed per bin.
@@ -639,13 +692,20 @@ class M2Model(nn.Module):
         logits: dict[str, Tensor] = {}
         losses = []
         action_ce = self._action_loss(batch, logits) if labels is not None else None
+        motion = None
+        if self.motion is not None and "coords_next" in self.target_names:
+            is_coords = batch["enc_valid"] & (batch["enc_mod"] == self.names.index("coords"))
+            motion = self.motion_bins(batch["enc_ids"], batch["enc_pos"], is_coords)
         # One matmul per head: a python loop over <= 5 modalities, each a gather of its slots.
         for name in self.target_names:
             sel = (valid & (mod == self.names.index(name))).flatten().nonzero().squeeze(1)
             if sel.numel() == 0:
                 continue
             p = prior.flatten().index_select(0, sel) if prior is not None else None
-            out = self.head_logits(name, h.flatten(0, 1).index_select(0, sel), p)  # (n, V)
+            m = None
+            if motion is not None and name == "coords_next":
+                m = motion[sel // mod.shape[1], batch["dec_pos"].flatten()[sel]]
+            out = self.head_logits(name, h.flatten(0, 1).index_select(0, sel), p, None, m)  # (n, V)
             if return_logits:
                 logits[name] = out
             if labels is not None:

@@ -150,6 +150,17 @@ def card(ckpt: Path, work: Path, history: str = "", earlier: list[Path] | None =
                      f"{image['batch_size']} training frames in {image['seconds'] / 60:.1f} min; the action head on "
                      f"it names the action of {100 * image['val_accuracy']:.1f}% of validation frames (window on "
                      "the true skeleton). The transformer's weights are those of the stage before.")  # fmt: skip
+    motion = config.get("extra", {}).get("motion")
+    if motion:  # fitted last (`m2 fit-motion`)
+        train_cmd += (f"\nm2 fit-motion data/demo/{last} --data data/demo/prepared "
+                      f"--out data/demo/motion --steps {motion['steps']}")  # fmt: skip
+        last = "motion"
+        gain = 1 - motion["val_distance"] / motion["val_zero_velocity"]
+        training += (f"\nThen the motion head (the forecast from the skeleton's shape): {motion['steps']} steps of "
+                     f"{motion['batch_size']} training skeletons in {motion['seconds'] / 60:.1f} min; alone, its "
+                     f"forecast of validation skeletons is {100 * gain:.1f}% closer than zero velocity (mean joint "
+                     f"distance {motion['val_distance']:.4f} vs {motion['val_zero_velocity']:.4f} skeleton extents). "
+                     "The transformer's weights are those of the stage before.")  # fmt: skip
     stage = "\n".join(f"| {k} | {v / 60:.1f} min |" for k, v in times.items() if k != "machine")
     return f"""# M2 demo checkpoint (`m2-tiny`)
 

@@ -26,6 +26,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "training.image_context",
         "fit a checkpoint's image context (captions from the frame)",
     ),
+    "fit-motion": (
+        "training.motion",
+        "fit a checkpoint's motion head (the forecast from the shape)",
+    ),
     "eval": ("training.evaluate", "evaluate a checkpoint against baselines"),
     "serve": ("service.cli", "serve a checkpoint over HTTP"),
     "predict": ("service.predict_cli", "predict from one frame, locally or via a server"),

@@ -13,8 +13,6 @@ trained on it, and nothing else in the model changes.
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -114,75 +112,29 @@ def image_levels(image_tokenizer) -> int:
     return levels.pop()
 
 
+def _option(bundle) -> dict:
+    if bundle.image_tokenizer is None:
+        raise ValueError("the checkpoint has no image tokenizer inside")
+    if not bundle.model.config.action_classes:
+        raise ValueError("the checkpoint's model has no action head (action_classes)")
+    return {"image_context_levels": image_levels(bundle.image_tokenizer)}
+
+
 def main(argv: list[str] | None = None) -> int:
     """`m2 fit-image-context`: a serving checkpoint -> the same checkpoint with an image
     context fitted on a prepared data folder (the transformer's weights are unchanged)."""
-    import argparse
-    import dataclasses
-    import logging
-    import time
-    from pathlib import Path
+    from training import refit
 
-    from m2core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-    from m2core.model import M2Config
-
-    log = logging.getLogger("m2.fit_image_context")
-    p = argparse.ArgumentParser(prog="m2 fit-image-context", description=main.__doc__)
-    p.add_argument(
-        "checkpoint", type=Path, help="serving checkpoint with a pose context and action head"
+    return refit.main(
+        argv,
+        prog="m2 fit-image-context",
+        description=main.__doc__,
+        part="image_context",
+        option=_option,
+        fit=fit,
+        steps=(3000, "AdamW steps (default 3000: ~3 min on 2 CPU cores)"),
+        batch_size=128,
+        summary=lambda got: (
+            f"validation action accuracy from the frame: {100 * got['val_accuracy']:.1f}%"
+        ),
     )
-    p.add_argument("--data", type=Path, required=True, help="prepared data folder (m2 prepare)")
-    p.add_argument("--out", type=Path, required=True, help="where to write the new checkpoint")
-    p.add_argument(
-        "--steps", type=int, default=3000, help="AdamW steps (default 3000: ~3 min on 2 CPU cores)"
-    )
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--storage-dtype", choices=["float16", "bfloat16"], default=None,
-                   help="store the weights at half size (loading restores fp32)")  # fmt: skip
-    args = p.parse_args(argv)
-    if args.steps < 1 or args.batch_size < 1:
-        p.error("--steps and --batch-size must be >= 1")
-    if args.out.resolve() == args.checkpoint.resolve():
-        p.error("--out must differ from the checkpoint (it is read while the new one is written)")
-    try:
-        bundle = load_checkpoint(args.checkpoint)
-        if bundle.image_tokenizer is None:
-            raise ValueError(f"{args.checkpoint}: no image tokenizer inside")
-        old = bundle.model.config
-        if not old.action_classes:
-            raise ValueError(f"{args.checkpoint}: the model has no action head (action_classes)")
-        train, val = Shards(args.data, "train"), None
-        if (args.data / "val").is_dir():
-            val = Shards(args.data, "val")
-        if train.meta.get("image_vocab", old.image_vocab) != old.image_vocab:
-            raise ValueError(f"{args.data} and {args.checkpoint} use different image vocabularies")
-    except (OSError, ValueError, CheckpointError) as e:
-        print(f"m2 fit-image-context: {e}", file=sys.stderr)
-        return 2
-    cfg = M2Config.from_dict(
-        {**dataclasses.asdict(old), "image_context_levels": image_levels(bundle.image_tokenizer)}
-    )
-    torch.manual_seed(args.seed)
-    model = M2Model(cfg)
-    missing, unexpected = model.load_state_dict(bundle.model.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith("image_context.") for k in missing), (
-        missing,
-        unexpected,
-    )
-    t0 = time.perf_counter()
-    got = fit(model, train, val, args.steps, args.seed, args.batch_size)
-    seconds = time.perf_counter() - t0
-    log.info("image context: %d steps in %.0f s, training CE %.3f, action head on it names the action "
-             "of %.1f%% of validation frames (window on the true skeleton)",
-             args.steps, seconds, got["train_ce"], 100 * got["val_accuracy"])  # fmt: skip
-    extra = dict(bundle.config.get("extra") or {})
-    extra["image_context"] = {"steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
-                              "seconds": round(seconds, 1), "data": str(args.data), **got}  # fmt: skip
-    card = args.checkpoint / "MODEL_CARD.md"
-    save_checkpoint(args.out, model.eval(), bundle.image_tokenizer, bundle.text_tokenizer, extra,
-                    card.read_text() if card.is_file() else None, args.storage_dtype)  # fmt: skip
-    print(
-        f"wrote {args.out} (validation action accuracy from the frame: {100 * got['val_accuracy']:.1f}%)"
-    )
-    return 0

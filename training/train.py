@@ -191,6 +191,10 @@ def train(
         # fitted after training, from the pose context it imitates (`m2 fit-image-context`):
         # the transformer's losses never read it, so it is kept out of the optimizer
         model.image_context.requires_grad_(False)
+    if model.motion is not None:
+        # fitted after training on the skeletons alone (`m2 fit-motion`); the transformer's
+        # forecast loss reads it, but trains around it, not it
+        model.motion.requires_grad_(False)
     model = model.to(acc.device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                   fused=acc.device.type == "cuda")  # fmt: skip

@@ -480,3 +480,47 @@ def test_pose_head_logits_match_their_definition_and_is_flag_computes_one_kind(b
     own = is_flag[:, None] == (torch.arange(8194) >= 8192)[None]
     assert torch.isinf(one_kind[~own]).all() and (one_kind[~own] < 0).all()
     torch.testing.assert_close(one_kind[own], want[own], rtol=0, atol=1e-6)
+
+
+def test_motion_head_moves_the_centre_of_the_future_prior():
+    """motion_bins turns the head's displacements (in skeleton extents) into bins on every
+    future x / y slot (0 on flags, NaN for a sample with no skeleton); head_logits with a
+    motion is head_logits with each coordinate's present bin moved by it, and NaN changes
+    nothing. A motion head needs the present prior."""
+    with pytest.raises(ValueError, match="motion_width"):
+        M2Config(**SMALL, motion_width=16, present_prior=False)
+    model = _model(pose_shift=True, pose_basis=True, motion_width=16).eval()
+    with torch.no_grad():
+        for p in [*model.offset_heads.parameters(), *model.shift_heads.parameters()]:
+            p.normal_(0.0, 0.1)
+        last = model.motion[-1]
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([0.25, -0.5]).repeat(6 * 13))  # every joint: +x, -y
+    xy = torch.tensor([[1000, 2000], [3000, 6000]]).repeat(7, 1)[:13]  # extent: 4000 bins
+    coords = torch.cat([xy, torch.full((13, 1), 8193)], 1).flatten()[None]  # all visible
+    coords = torch.cat([coords, torch.full_like(coords, -1)])  # the second: no skeleton
+    pos = torch.arange(39).expand(2, 39)
+    with torch.no_grad():
+        move = model.motion_bins(coords, pos, coords >= 0)
+    assert move.shape == (2, 234) and move[1].isnan().all()
+    extent = 4000.0  # the larger side of the joints' box (y: 2000 .. 6000)
+    torch.testing.assert_close(move[0, 0::3], torch.full((78,), 0.25 * extent), atol=0.5, rtol=0)
+    torch.testing.assert_close(move[0, 1::3], torch.full((78,), -0.5 * extent), atol=0.5, rtol=0)
+    assert (move[0, 2::3] == 0).all()
+
+    name, n = "coords_next", 9
+    torch.manual_seed(1)
+    h = torch.randn(n, SMALL["dim"])
+    prior = torch.tensor([4000, 100, 8193, 5000, 8000, 8192, 0, 2500, 8193])
+    shift = torch.tensor([300.4, -500.0, 0.0, 7.0, 900.0, 0.0, -20.0, float("nan"), 0.0])
+    moved = torch.where(
+        prior < 8192, (prior + shift.nan_to_num(0).round().long()).clamp(0, 8191), prior
+    )
+    with torch.no_grad():
+        got = model.head_logits(name, h, prior, None, shift)
+        torch.testing.assert_close(got, model.head_logits(name, h, moved), rtol=0, atol=0)
+        assert not torch.equal(got, model.head_logits(name, h, prior))
+        nan = torch.full((n,), float("nan"))
+        assert torch.equal(
+            model.head_logits(name, h, prior, None, nan), model.head_logits(name, h, prior)
+        )

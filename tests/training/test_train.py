@@ -424,3 +424,68 @@ def test_image_context_fit_and_cli(prepared, tmp_path, capsys):
     assert "no action head" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         fit_main([str(ck), "--data", str(prepared), "--out", str(ck)])
+
+
+def test_motion_fit_and_cli(prepared, tmp_path, capsys):
+    """The motion head's fit changes only its own weights and forecasts the training
+    skeletons' motion better than standing still; `m2 fit-motion` writes a checkpoint whose
+    transformer weights are the input's and whose forecast generation moves with it, while
+    the present skeleton and caption stay as they were; bad input is exit 2."""
+    from m2core.checkpoint import load_checkpoint, save_checkpoint
+    from m2core.generate import GenerationConfig, generate
+    from m2core.model import M2Config, M2Model
+    from m2core.tokenizers.image import ImageTokenizer
+    from m2core.tokenizers.text import TextTokenizer
+    from training.data import Shards, load_meta
+    from training.motion import _batch, _distance, fit
+    from training.motion import main as fit_main
+
+    meta = load_meta(prepared)
+    small = {"dim": 32, "heads": 2, "enc_layers": 1, "dec_layers": 1}
+    base = dict(**small, image_vocab=meta["image_vocab"], text_vocab=meta["text_vocab"],
+                caption_len=meta["caption_len"])  # fmt: skip
+    torch.manual_seed(0)
+    model = M2Model(M2Config.from_preset("tiny", **base, motion_width=64))
+    train = Shards(prepared, "train")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = np.arange(len(train))
+    feats, move, seen = _batch(train, rows, torch.device("cpu"))
+    still = float(((move.pow(2).sum(-1) + 1e-8).sqrt() * seen).sum() / seen.sum())
+    got = fit(model, train, Shards(prepared, "val"), 400, progress=False)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("motion.") for k in changed)
+    with torch.no_grad():
+        assert float(_distance(model.motion, feats, move, seen)) < 0.8 * still
+    assert got["val_distance"] > 0 and got["val_zero_velocity"] > 0
+    with pytest.raises(ValueError, match=r"needs model\.motion_width"):
+        fit(M2Model(M2Config.from_preset("tiny", **base)), train, None, 1)
+
+    plain = M2Model(M2Config.from_preset("tiny", **base)).eval()
+    tok = ImageTokenizer.from_pretrained(prepared / "image_tokenizer")
+    ck = save_checkpoint(tmp_path / "ck", plain, tok, TextTokenizer.load(prepared))
+    plain = load_checkpoint(ck).model
+    out = tmp_path / "ck-motion"
+    assert fit_main([str(ck), "--data", str(prepared), "--out", str(out), "--steps", "30"]) == 0
+    fitted = load_checkpoint(out)
+    assert fitted.model.config.motion_width > 0
+    assert fitted.config["extra"]["motion"]["steps"] == 30
+    new = fitted.model.state_dict()
+    for k, v in plain.state_dict().items():
+        assert torch.equal(new[k], v), k
+    shards = Shards(prepared, "val")
+    rgb = torch.from_numpy(np.asarray(shards.arrays["tok_rgb"][:4], np.int64))
+    coords = torch.from_numpy(np.asarray(shards.arrays["coords"][:4], np.int64))
+    cfg = GenerationConfig(temperature=0.0, maskgit_steps=2)
+    a = generate(fitted.model, {"tok_rgb": rgb, "coords": coords}, cfg)
+    b = generate(plain, {"tok_rgb": rgb, "coords": coords}, cfg)
+    assert a.captions == b.captions and torch.equal(a.coords, b.coords)
+    assert not torch.equal(a.coords_next, b.coords_next)
+
+    assert fit_main([str(ck), "--data", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert "nope" in capsys.readouterr().err
+    no_prior = M2Model(M2Config.from_preset("tiny", **base, present_prior=False))
+    ck2 = save_checkpoint(tmp_path / "ck2", no_prior, tok)
+    assert fit_main([str(ck2), "--data", str(prepared), "--out", str(tmp_path / "o2")]) == 2
+    assert "present prior" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        fit_main([str(ck), "--data", str(prepared), "--out", str(ck)])

@@ -1,0 +1,88 @@
+"""Adding a part to a trained serving checkpoint and fitting it alone (`m2 fit-image-context`,
+`m2 fit-motion`): the shared command line. The checkpoint is loaded, its config gets the
+part's option, the part is fitted on a prepared data folder with everything else frozen,
+and a new checkpoint is written atomically, with the fit's record in `extra[key]`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from m2core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from m2core.model import M2Config, M2Model
+from training.data import Shards
+
+# (model, train, val or None, steps, seed, batch size) -> figures of the fit
+Fit = Callable[[M2Model, Shards, "Shards | None", int, int, int], dict[str, float]]
+
+
+def main(
+    argv: list[str] | None,
+    *,
+    prog: str,
+    description: str,
+    part: str,
+    option: Callable[[Any], dict[str, Any]],
+    fit: Fit,
+    steps: tuple[int, str],
+    batch_size: int,
+    summary: Callable[[dict[str, float]], str],
+) -> int:
+    """`option(bundle)` -> the config fields that add the part (raises ValueError when the
+    checkpoint cannot take it); `part`: the module's name in the model and the key of its
+    record in `extra`; `steps`: the default and its help."""
+    log = logging.getLogger(f"m2.{part}")
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("checkpoint", type=Path, help="serving checkpoint (m2 export)")
+    p.add_argument("--data", type=Path, required=True, help="prepared data folder (m2 prepare)")
+    p.add_argument("--out", type=Path, required=True, help="where to write the new checkpoint")
+    p.add_argument("--steps", type=int, default=steps[0], help=steps[1])
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--storage-dtype", choices=["float16", "bfloat16"], default=None,
+                   help="store the weights at half size (loading restores fp32)")  # fmt: skip
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.batch_size < 1:
+        p.error("--steps and --batch-size must be >= 1")
+    if args.out.resolve() == args.checkpoint.resolve():
+        p.error("--out must differ from the checkpoint (it is read while the new one is written)")
+    try:
+        bundle = load_checkpoint(args.checkpoint)
+        old = bundle.model.config
+        fields = option(bundle)
+        train, val = Shards(args.data, "train"), None
+        if (args.data / "val").is_dir():
+            val = Shards(args.data, "val")
+        if train.meta.get("image_vocab", old.image_vocab) != old.image_vocab:
+            raise ValueError(f"{args.data} and {args.checkpoint} use different image vocabularies")
+    except (OSError, ValueError, CheckpointError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    torch.manual_seed(args.seed)
+    model = M2Model(M2Config.from_dict({**dataclasses.asdict(old), **fields}))
+    missing, unexpected = model.load_state_dict(bundle.model.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith(part + ".") for k in missing), (missing, unexpected)
+    t0 = time.perf_counter()
+    try:
+        got = fit(model, train, val, args.steps, args.seed, args.batch_size)
+    except ValueError as e:  # data the part cannot be fitted on
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    seconds = time.perf_counter() - t0
+    log.info("%s: %d steps in %.0f s; %s", part, args.steps, seconds, summary(got))
+    extra = dict(bundle.config.get("extra") or {})
+    extra[part] = {"steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
+                   "seconds": round(seconds, 1), "data": str(args.data), **got}  # fmt: skip
+    card = args.checkpoint / "MODEL_CARD.md"
+    save_checkpoint(args.out, model.eval(), bundle.image_tokenizer, bundle.text_tokenizer, extra,
+                    card.read_text() if card.is_file() else None, args.storage_dtype)  # fmt: skip
+    print(f"wrote {args.out} ({summary(got)})")
+    return 0
