@@ -332,6 +332,8 @@ def generate(
         gen = timed(
             "coords", maskgit, model, "coords", model.context_kv(ctx), mask, cfg, gens, table
         )
+        if model.pose_reader is not None:  # the transformer's flags, the reader's positions
+            gen = timed("coords", model.read_pose, rgb, gen)
         coords = torch.where(has_coords[:, None], coords, gen)
     if not bool(has_caps.all()):  # captions <- tok_rgb, coords
         slots = _pack(model, {"tok_rgb": rgb_in, "coords": (coords, torch.ones_like(coords, dtype=torch.bool))})  # fmt: skip

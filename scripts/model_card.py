@@ -161,6 +161,15 @@ def card(ckpt: Path, work: Path, history: str = "", earlier: list[Path] | None =
                      f"forecast of validation skeletons is {100 * gain:.1f}% closer than zero velocity (mean joint "
                      f"distance {motion['val_distance']:.4f} vs {motion['val_zero_velocity']:.4f} skeleton extents). "
                      "The transformer's weights are those of the stage before.")  # fmt: skip
+    reader = config.get("extra", {}).get("pose_reader")
+    if reader:  # fitted last (`m2 fit-pose-reader`)
+        train_cmd += (f"\nm2 fit-pose-reader data/demo/{last} --data data/demo/prepared "
+                      f"--out data/demo/pose_reader --steps {reader['steps']}")  # fmt: skip
+        last = "pose_reader"
+        training += (f"\nThen the pose reader (the skeleton from the frame): {reader['steps']} steps of "
+                     f"{reader['batch_size']} training frames in {reader['seconds'] / 60:.1f} min; alone, it places "
+                     f"{100 * reader['val_pck@0.05']:.1f}% of the visible joints of validation frames within "
+                     "PCK@0.05. The transformer's weights are those of the stage before.")  # fmt: skip
     stage = "\n".join(f"| {k} | {v / 60:.1f} min |" for k, v in times.items() if k != "machine")
     return f"""# M2 demo checkpoint (`m2-tiny`)
 

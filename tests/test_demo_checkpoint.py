@@ -25,7 +25,9 @@ from training.synth_text import action_from_caption
 
 DEMO = Path(__file__).resolve().parents[1] / "checkpoints" / "m2-demo"
 HELD_OUT_SEED = 90210  # the demo's clips come from seed 0
-PCK_BAR = 0.5  # share of visible joints within 0.2 x the person's box (PCK@0.2)
+# share of visible joints within 0.05 x the person's box (PCK@0.05; the demo with its pose
+# reader: 0.71 on these frames, PCK@0.2 0.93; without it the bar was 0.5 at PCK@0.2)
+PCK_BAR = 0.5
 ACTION_BAR = 0.6  # share of frames whose generated caption names the true action
 
 
@@ -62,7 +64,11 @@ def _predict_held_out(client) -> tuple[list, list]:
         x1, y1, x2, y2 = clip.bbox[t]
         err = np.linalg.norm(pred - true, axis=1)[vis] / max(x2 - x1, y2 - y1)
         stats.append(
-            (int((err < 0.2).sum()), int(vis.sum()), action_from_caption(body["caption"]) == action)
+            (
+                int((err < 0.05).sum()),
+                int(vis.sum()),
+                action_from_caption(body["caption"]) == action,
+            )
         )
         bodies.append(body)
     return stats, bodies
@@ -87,7 +93,7 @@ def held_out(client) -> list:
 
 def test_predict_on_held_out_frames_finds_the_figure(held_out):
     hits, total = sum(s[0] for s in held_out), sum(s[1] for s in held_out)
-    assert hits / total > PCK_BAR, f"PCK@0.2 {hits / total:.2f} on held-out frames"
+    assert hits / total > PCK_BAR, f"PCK@0.05 {hits / total:.2f} on held-out frames"
 
 
 def test_predict_on_held_out_frames_names_the_action(held_out):

@@ -26,6 +26,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "training.image_context",
         "fit a checkpoint's image context (captions from the frame)",
     ),
+    "fit-pose-reader": (
+        "training.pose_reader",
+        "fit a checkpoint's pose reader (the skeleton from the frame)",
+    ),
     "fit-motion": (
         "training.motion",
         "fit a checkpoint's motion head (the forecast from the shape)",

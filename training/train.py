@@ -191,6 +191,8 @@ def train(
         # fitted after training, from the pose context it imitates (`m2 fit-image-context`):
         # the transformer's losses never read it, so it is kept out of the optimizer
         model.image_context.requires_grad_(False)
+    if model.pose_reader is not None:  # fitted after training (`m2 fit-pose-reader`)
+        model.pose_reader.requires_grad_(False)
     if model.motion is not None:
         # fitted after training on the skeletons alone (`m2 fit-motion`); the transformer's
         # forecast loss reads it, but trains around it, not it

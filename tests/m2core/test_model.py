@@ -524,3 +524,24 @@ def test_motion_head_moves_the_centre_of_the_future_prior():
         assert torch.equal(
             model.head_logits(name, h, prior, None, nan), model.head_logits(name, h, prior)
         )
+
+
+def test_pose_reader_reads_positions_and_keeps_the_flags():
+    """The pose reader maps FSQ code values of the whole token grid to 13 positions inside
+    the frame (a soft-argmax over cell centres plus at most half a cell); read_pose puts
+    their bins in place of a skeleton's x / y and keeps its flags. Its levels must be the
+    image vocabulary's."""
+    with pytest.raises(ValueError, match="pose_reader_levels"):
+        M2Config(**SMALL, pose_reader_levels=3)  # 64 ids are not 3 ** digits
+    model = _model(pose_reader_levels=8).eval()  # 64 ids = 8 ** 2
+    torch.testing.assert_close(model.pose_reader.codes[:9, 0], torch.tensor([-1, -.75, -.5, -.25, 0, .25, .5, .75, -1]))  # fmt: skip
+    rgb = torch.randint(0, 64, (3, 256))
+    coords = torch.randint(0, 8192, (3, 13, 3))
+    coords[..., 2] = torch.randint(8192, 8194, (3, 13))
+    coords = coords.flatten(1)
+    with torch.no_grad():
+        xy = model.pose_reader(rgb)
+        read = model.read_pose(rgb, coords).view(3, 13, 3)
+    assert xy.shape == (3, 13, 2) and ((xy >= 0) & (xy <= 1)).all()
+    assert torch.equal(read[..., 2], coords.view(3, 13, 3)[..., 2])
+    assert torch.equal(read[..., :2], (xy * 8192).floor().long())

@@ -489,3 +489,70 @@ def test_motion_fit_and_cli(prepared, tmp_path, capsys):
     assert "present prior" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         fit_main([str(ck), "--data", str(prepared), "--out", str(ck)])
+
+
+def test_pose_reader_fit_and_cli(prepared, tmp_path, capsys):
+    """The pose reader's fit changes only its own weights and learns where the training
+    figures' joints are; `m2 fit-pose-reader` writes a checkpoint whose transformer weights
+    are the input's; generation takes the reader's positions (and the transformer's flags)
+    for a skeleton read from the frame and leaves a given one alone; bad input is exit 2."""
+    from m2core.checkpoint import load_checkpoint, save_checkpoint
+    from m2core.generate import GenerationConfig, generate
+    from m2core.model import M2Config, M2Model
+    from m2core.tokenizers.image import ImageTokenizer
+    from m2core.tokenizers.text import TextTokenizer
+    from training.data import Shards, load_meta
+    from training.pose_reader import _batch, fit
+    from training.pose_reader import main as fit_main
+
+    meta = load_meta(prepared)
+    small = {"dim": 32, "heads": 2, "enc_layers": 1, "dec_layers": 1}
+    base = dict(**small, image_vocab=meta["image_vocab"], text_vocab=meta["text_vocab"],
+                caption_len=meta["caption_len"])  # fmt: skip
+    torch.manual_seed(0)
+    model = M2Model(M2Config.from_preset("tiny", **base, pose_reader_levels=4))
+    train = Shards(prepared, "train")
+    rgb, xy, seen = _batch(train.arrays, np.arange(len(train)), torch.device("cpu"))
+
+    def l1() -> float:
+        with torch.no_grad():
+            return float(((model.pose_reader(rgb) - xy).abs().sum(-1) * seen).sum() / seen.sum())
+
+    before_l1 = l1()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    got = fit(model, train, Shards(prepared, "val"), 300, progress=False)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("pose_reader.") for k in changed)
+    assert l1() < 0.6 * before_l1
+    assert 0 <= got["val_pck@0.05"] <= 1
+    with pytest.raises(ValueError, match=r"needs model\.pose_reader_levels"):
+        fit(M2Model(M2Config.from_preset("tiny", **base)), train, None, 1)
+
+    plain = M2Model(M2Config.from_preset("tiny", **base)).eval()
+    tok = ImageTokenizer.from_pretrained(prepared / "image_tokenizer")
+    ck = save_checkpoint(tmp_path / "ck", plain, tok, TextTokenizer.load(prepared))
+    plain = load_checkpoint(ck).model
+    out = tmp_path / "ck-reader"
+    assert fit_main([str(ck), "--data", str(prepared), "--out", str(out), "--steps", "20"]) == 0
+    fitted = load_checkpoint(out)
+    assert fitted.model.config.pose_reader_levels == 4
+    assert fitted.config["extra"]["pose_reader"]["steps"] == 20
+    new = fitted.model.state_dict()
+    for k, v in plain.state_dict().items():
+        assert torch.equal(new[k], v), k
+    shards = Shards(prepared, "val")
+    rgb = torch.from_numpy(np.asarray(shards.arrays["tok_rgb"][:4], np.int64))
+    coords = torch.from_numpy(np.asarray(shards.arrays["coords"][:4], np.int64))
+    cfg = GenerationConfig(temperature=0.0, maskgit_steps=2)
+    given = {"tok_rgb": rgb, "coords": coords}
+    assert torch.equal(generate(fitted.model, given, cfg).coords, coords)
+    read = generate(fitted.model, {"tok_rgb": rgb}, cfg).coords.view(-1, 13, 3)
+    alone = generate(plain, {"tok_rgb": rgb}, cfg).coords.view(-1, 13, 3)
+    with torch.no_grad():
+        want = (fitted.model.pose_reader(rgb) * 8192).floor().long()
+    assert torch.equal(read[..., :2], want) and torch.equal(read[..., 2], alone[..., 2])
+
+    assert fit_main([str(ck), "--data", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert "nope" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        fit_main([str(ck), "--data", str(prepared), "--out", str(ck)])
