@@ -650,13 +650,13 @@ class M2Model(nn.Module):
         out = out.index_put((flags, prior[flags]), gain.to(out.dtype), accumulate=True)
         if rows.numel() == 0:
             return out
-        # offset of every bin from the present one: exact integers (bins up to 8191 are not
-        # all representable in bf16, so this is computed in int64 and converted where used)
         ref = prior[rows]  # the bin every term below is centred on: the present, or moved
         if motion is not None:
             move = motion[rows]
             moved = (ref + move.nan_to_num(0.0).round().long()).clamp(0, POSE_BINS - 1)
             ref = torch.where(move.isnan(), ref, moved)
+        # offset of every bin from that centre: exact integers (bins up to 8191 are not all
+        # representable in bf16, so this is computed in int64 and converted where used)
         offset = torch.arange(POSE_BINS, device=h.device)[None] - ref[:, None]
         # The copy bump is a function of the offset alone, and 0 in float32 beyond the
         # offset head's reach (exp(-0.5 (2049/64)^2) underflows): it is added to that head's
