@@ -162,14 +162,20 @@ def card(ckpt: Path, work: Path, history: str = "", earlier: list[Path] | None =
                      f"distance {motion['val_distance']:.4f} vs {motion['val_zero_velocity']:.4f} skeleton extents). "
                      "The transformer's weights are those of the stage before.")  # fmt: skip
     reader = config.get("extra", {}).get("pose_reader")
-    if reader:  # fitted last (`m2 fit-pose-reader`)
-        train_cmd += (f"\nm2 fit-pose-reader data/demo/{last} --data data/demo/prepared "
-                      f"--out data/demo/pose_reader --steps {reader['steps']}")  # fmt: skip
-        last = "pose_reader"
-        training += (f"\nThen the pose reader (the skeleton from the frame): {reader['steps']} steps of "
-                     f"{reader['batch_size']} training frames in {reader['seconds'] / 60:.1f} min; alone, it places "
-                     f"{100 * reader['val_pck@0.05']:.1f}% of the visible joints of validation frames within "
-                     "PCK@0.05. The transformer's weights are those of the stage before.")  # fmt: skip
+    if reader:  # fitted last (`m2 fit-pose-reader`), in one or more passes
+        passes = [*reader.get("earlier", []), reader]
+        for k, r in enumerate(passes):
+            out = "pose_reader" + (str(k + 1) if k else "")
+            seed = f" --seed {r['seed']}" if r["seed"] else ""
+            train_cmd += (f"\nm2 fit-pose-reader data/demo/{last} --data data/demo/prepared "
+                          f"--out data/demo/{out} --steps {r['steps']}{seed}")  # fmt: skip
+            last = out
+        minutes = sum(r["seconds"] for r in passes) / 60
+        training += (f"\nThen the pose reader (the skeleton from the frame): {len(passes)} pass(es) of "
+                     f"{' + '.join(str(r['steps']) for r in passes)} steps of {reader['batch_size']} training "
+                     f"frames in {minutes:.1f} min; alone, it places {100 * reader['val_pck@0.05']:.1f}% of the "
+                     "visible joints of validation frames within PCK@0.05. The transformer's weights are "
+                     "those of the stage before.")  # fmt: skip
     stage = "\n".join(f"| {k} | {v / 60:.1f} min |" for k, v in times.items() if k != "machine")
     return f"""# M2 demo checkpoint (`m2-tiny`)
 

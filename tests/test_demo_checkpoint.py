@@ -26,7 +26,7 @@ from training.synth_text import action_from_caption
 DEMO = Path(__file__).resolve().parents[1] / "checkpoints" / "m2-demo"
 HELD_OUT_SEED = 90210  # the demo's clips come from seed 0
 # share of visible joints within 0.05 x the person's box (PCK@0.05; the demo with its pose
-# reader: 0.71 on these frames, PCK@0.2 0.93; without it the bar was 0.5 at PCK@0.2)
+# reader: 0.68 on these frames, PCK@0.2 0.94; without it the bar was 0.5 at PCK@0.2)
 PCK_BAR = 0.5
 ACTION_BAR = 0.6  # share of frames whose generated caption names the true action
 

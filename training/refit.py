@@ -1,7 +1,8 @@
 """Adding a part to a trained serving checkpoint and fitting it alone (`m2 fit-image-context`,
-`m2 fit-motion`): the shared command line. The checkpoint is loaded, its config gets the
+`m2 fit-motion`, `m2 fit-pose-reader`): the shared command line. The checkpoint is loaded, its config gets the
 part's option, the part is fitted on a prepared data folder with everything else frozen,
-and a new checkpoint is written atomically, with the fit's record in `extra[key]`."""
+and a new checkpoint is written atomically, with the fit's record in `extra[key]` (and the
+records of earlier fits of the same part, when the checkpoint had it, under "earlier")."""
 
 from __future__ import annotations
 
@@ -79,8 +80,12 @@ def main(
     seconds = time.perf_counter() - t0
     log.info("%s: %d steps in %.0f s; %s", part, args.steps, seconds, summary(got))
     extra = dict(bundle.config.get("extra") or {})
-    extra[part] = {"steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
-                   "seconds": round(seconds, 1), "data": str(args.data), **got}  # fmt: skip
+    record = {"steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
+              "seconds": round(seconds, 1), "data": str(args.data), **got}  # fmt: skip
+    if not missing and part in extra:  # a further fit of a part the checkpoint had
+        before = dict(extra[part])
+        record["earlier"] = [*before.pop("earlier", []), before]
+    extra[part] = record
     card = args.checkpoint / "MODEL_CARD.md"
     save_checkpoint(args.out, model.eval(), bundle.image_tokenizer, bundle.text_tokenizer, extra,
                     card.read_text() if card.is_file() else None, args.storage_dtype)  # fmt: skip

@@ -537,6 +537,10 @@ def test_pose_reader_fit_and_cli(prepared, tmp_path, capsys):
     fitted = load_checkpoint(out)
     assert fitted.model.config.pose_reader_levels == 4
     assert fitted.config["extra"]["pose_reader"]["steps"] == 20
+    again = tmp_path / "ck-reader2"  # a second pass keeps the first's record
+    assert fit_main([str(out), "--data", str(prepared), "--out", str(again), "--steps", "5", "--seed", "1"]) == 0  # fmt: skip
+    record = load_checkpoint(again).config["extra"]["pose_reader"]
+    assert record["steps"] == 5 and [r["steps"] for r in record["earlier"]] == [20]
     new = fitted.model.state_dict()
     for k, v in plain.state_dict().items():
         assert torch.equal(new[k], v), k
