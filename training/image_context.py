@@ -16,11 +16,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from m2core.model import M2Model, skeleton_features
 from training.data import Shards
-from training.pose_context import cosine_to_tenth
+from training.pose_context import fit_alone, require_arrays
 
 # Weight of the mean squared distance to the pose context's hidden layer, beside the action
 # CE. Captions from the frame alone named the action of 256 validation frames for 34.8% at
@@ -57,18 +56,15 @@ def fit(
         raise ValueError(
             "fitting the image context needs model.image_context_levels (and so an action head)"
         )
-    for name in ("tok_rgb", "coords", "action"):
-        if name not in train.arrays:
-            raise ValueError(f"image context warm start: the training split has no {name!r}")
+    require_arrays(train, ("tok_rgb", "coords", "action"), "image context")
     rng = np.random.default_rng([seed, 0x1A6E])
     gen = torch.Generator().manual_seed(seed)
     net, target, head = model.image_context, model.pose_context[:2], model.action_head
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05)
     device = next(model.parameters()).device
     was_training = model.training
     net.train()
-    ce = torch.zeros((), device=device)
-    for step in tqdm(range(steps), desc="image context", unit="step", disable=not progress):
+
+    def loss_at(step: int) -> tuple[torch.Tensor, torch.Tensor]:
         rgb, coords, action = (
             t.to(device) for t in _batch(train, rng.choice(len(train), min(batch_size, len(train))))
         )
@@ -77,17 +73,14 @@ def fit(
             feats = skeleton_features(coords, pos, torch.ones_like(coords, dtype=torch.bool))
             want = target(feats)
         shift = torch.randint(-1, 2, (len(rgb), 2), generator=gen).to(device)
-        for g in opt.param_groups:
-            g["lr"] = cosine_to_tenth(lr, step, steps)
         got = net(rgb, feats[:, -3:-1], shift)
-        loss = F.cross_entropy(head(got), action)
-        match = F.mse_loss(got, want)
-        opt.zero_grad(set_to_none=True)
-        (loss + MATCH_WEIGHT * match).backward()
-        opt.step()
-        ce = 0.98 * ce + 0.02 * loss.detach() if step else loss.detach()
+        ce = F.cross_entropy(head(got), action)
+        return ce + MATCH_WEIGHT * F.mse_loss(got, want), ce  # the figure: the action CE
+
+    desc = "image context" if progress else None
+    ce = fit_alone(net.parameters(), loss_at, steps, lr, weight_decay=0.05, desc=desc)
     model.zero_grad(set_to_none=True)  # the frozen action head got gradients too
-    out = {"train_ce": float(ce), "val_accuracy": float("nan")}
+    out = {"train_ce": ce, "val_accuracy": float("nan")}
     if val is not None and len(val):
         model.eval()
         rgb, coords, action = _batch(val, rng.choice(len(val), min(2048, len(val)), replace=False))

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from m2core.modalities import FUTURE_FRAMES, NUM_JOINTS, POSE_BINS
 from m2core.model import M2Model, skeleton_features
 from training.data import Shards
-from training.pose_context import cosine_to_tenth
+from training.pose_context import fit_alone, require_arrays
 
 
 def _batch(shards: Shards, rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -67,27 +66,21 @@ def fit(
     split). Only the motion head's weights change."""
     if model.motion is None:
         raise ValueError("fitting the motion head needs model.motion_width")
-    for name in ("coords", "coords_next"):
-        if name not in train.arrays:
-            raise ValueError(f"motion head: the training split has no {name!r}")
+    require_arrays(train, ("coords", "coords_next"), "motion head")
     rng = np.random.default_rng([seed, 0x307])
     net = model.motion
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
     device = next(model.parameters()).device
     data = _all(train, device)  # ~4 KB per sample: random batches then cost no disk reads
     was_training = model.training
     net.train()
-    run = torch.zeros((), device=device)
-    for step in tqdm(range(steps), desc="motion head", unit="step", disable=not progress):
+
+    def loss_at(step: int) -> torch.Tensor:
         rows = torch.from_numpy(rng.choice(len(train), min(batch_size, len(train)))).to(device)
-        for g in opt.param_groups:
-            g["lr"] = cosine_to_tenth(lr, step, steps) * min(1.0, (step + 1) / 200)
-        loss = _distance(net, *(t[rows] for t in data))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        run = 0.98 * run + 0.02 * loss.detach() if step else loss.detach()
-    out = {"train_distance": float(run), "val_distance": float("nan"),
+        return _distance(net, *(t[rows] for t in data))
+
+    desc = "motion head" if progress else None
+    run = fit_alone(net.parameters(), loss_at, steps, lr, 0.01, warmup=200, desc=desc)
+    out = {"train_distance": run, "val_distance": float("nan"),
            "val_zero_velocity": float("nan")}  # fmt: skip
     if val is not None and len(val):
         net.eval()

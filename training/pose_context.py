@@ -11,9 +11,12 @@ stays zero, and the transformer then only has to learn to read it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from m2core.modalities import TOKENS_PER_POSE
 from m2core.model import M2Model, skeleton_features
@@ -41,6 +44,40 @@ def cosine_to_tenth(lr: float, step: int, steps: int) -> float:
     return lr * (0.1 + 0.45 * (1 + np.cos(np.pi * step / max(steps, 1))))
 
 
+def fit_alone(
+    params: Iterable[torch.nn.Parameter],
+    loss_at: Callable[[int], torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
+    steps: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    warmup: int = 0,
+    desc: str | None = None,
+) -> float:
+    """AdamW on `params` for `steps` steps of `loss_at(step)`, the learning rate cosine from
+    `lr` to `lr` / 10 after a linear warm-up of `warmup` steps -> the loss's running mean
+    (0.98 decay) at the end (`loss_at` may return (loss, figure): then the figure's). The loop of every part fitted alone (the pose context, the
+    image context, the motion head, the pose reader); a progress bar when `desc` is given."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    run = None
+    for step in tqdm(range(steps), desc=desc, unit="step", disable=desc is None):
+        for g in opt.param_groups:
+            g["lr"] = cosine_to_tenth(lr, step, steps) * min(1.0, (step + 1) / max(warmup, 1))
+        loss = loss_at(step)
+        loss, figure = loss if isinstance(loss, tuple) else (loss, loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        run = figure.detach() if run is None else 0.98 * run + 0.02 * figure.detach()
+    return float("nan") if run is None else float(run)
+
+
+def require_arrays(shards: Shards, names: Iterable[str], what: str) -> None:
+    """ValueError naming `what` when the split lacks one of the arrays a fit reads."""
+    for name in names:
+        if name not in shards.arrays:
+            raise ValueError(f"{what}: the training split has no {name!r}")
+
+
 def warm_start(
     model: M2Model,
     train: Shards,
@@ -58,20 +95,14 @@ def warm_start(
         raise ValueError("context_warmup_steps needs model.pose_context and model.action_classes")
     rng = np.random.default_rng([seed, 0xC0DE])
     hidden, head = model.pose_context[:2], model.action_head
-    params = [*hidden.parameters(), *head.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     device = next(model.parameters()).device
-    ce = torch.zeros((), device=device)
-    for step in range(steps):
+
+    def loss_at(step: int) -> torch.Tensor:
         x, y = _batch(train, rng.choice(len(train), min(batch_size, len(train))), rng, True)
-        for g in opt.param_groups:
-            g["lr"] = cosine_to_tenth(lr, step, steps)
-        loss = F.cross_entropy(head(hidden(x.to(device))), y.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        ce = 0.98 * ce + 0.02 * loss.detach() if step else loss.detach()
-    out = {"train_ce": float(ce), "val_accuracy": float("nan")}
+        return F.cross_entropy(head(hidden(x.to(device))), y.to(device))
+
+    ce = fit_alone([*hidden.parameters(), *head.parameters()], loss_at, steps, lr)
+    out = {"train_ce": ce, "val_accuracy": float("nan")}
     if val is not None and len(val):
         rows = rng.choice(len(val), min(2048, len(val)), replace=False)
         x, y = _batch(val, rows, rng, False)

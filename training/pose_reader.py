@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from m2core.modalities import NUM_JOINTS, POSE_BINS
 from m2core.model import M2Model
 from training.data import Shards
 from training.metrics import normalised_errors, pck, person_scale
-from training.pose_context import cosine_to_tenth
+from training.pose_context import fit_alone, require_arrays
 
 
 def _batch(arrays, rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -47,29 +46,23 @@ def fit(
     reader's weights change."""
     if model.pose_reader is None:
         raise ValueError("fitting the pose reader needs model.pose_reader_levels")
-    for name in ("tok_rgb", "coords"):
-        if name not in train.arrays:
-            raise ValueError(f"pose reader: the training split has no {name!r}")
+    require_arrays(train, ("tok_rgb", "coords"), "pose reader")
     rng = np.random.default_rng([seed, 0x9E4D])
     net = model.pose_reader
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
     device = next(model.parameters()).device
     # ~600 bytes per sample in memory: random batches then cost no disk reads
     arrays = {k: np.asarray(train.arrays[k]) for k in ("tok_rgb", "coords")}
     was_training = model.training
     net.train()
-    run = torch.zeros((), device=device)
-    for step in tqdm(range(steps), desc="pose reader", unit="step", disable=not progress):
+
+    def loss_at(step: int) -> torch.Tensor:
         rgb, xy, seen = _batch(arrays, rng.choice(len(train), min(batch_size, len(train))), device)
-        for g in opt.param_groups:
-            g["lr"] = cosine_to_tenth(lr, step, steps) * min(1.0, (step + 1) / 100)
         err = (net(rgb) - xy).abs().sum(-1)
-        loss = (err * seen).sum() / seen.sum().clamp(min=1) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        run = 0.98 * run + 0.02 * loss.detach() if step else loss.detach()
-    out = {"train_l1": float(run), "val_pck@0.05": float("nan")}
+        return (err * seen).sum() / seen.sum().clamp(min=1) / 2
+
+    desc = "pose reader" if progress else None
+    run = fit_alone(net.parameters(), loss_at, steps, lr, 0.01, warmup=100, desc=desc)
+    out = {"train_l1": run, "val_pck@0.05": float("nan")}
     if val is not None and len(val) and "bbox" in val.arrays:
         net.eval()
         rows = np.sort(rng.choice(len(val), min(2048, len(val)), replace=False))
