@@ -350,15 +350,44 @@ def test_pose_context_warm_start_and_action_head_in_a_run(prepared, tmp_path):
         )
 
 
+def _fit_changes_only(model, part: str, fit_part):
+    """Run `fit_part()` -> its figures; only `part.*` weights may change, and some must."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    got = fit_part()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith(part + ".") for k in changed)
+    return got
+
+
+def _refit_cli(prepared, tmp_path, plain, fit_main, name: str, steps: int):
+    """Save `plain` as a serving checkpoint and run an `m2 fit-*` main on it -> (the plain
+    model as stored, the fitted bundle, its folder, the input folder); the output's
+    transformer weights must be the input's."""
+    from m2core.checkpoint import load_checkpoint, save_checkpoint
+    from m2core.tokenizers.image import ImageTokenizer
+    from m2core.tokenizers.text import TextTokenizer
+
+    tok = ImageTokenizer.from_pretrained(prepared / "image_tokenizer")
+    ck = save_checkpoint(tmp_path / "ck", plain, tok, TextTokenizer.load(prepared))
+    plain = load_checkpoint(ck).model  # the stored weights, as the CLI reads them
+    out = tmp_path / name
+    assert (
+        fit_main([str(ck), "--data", str(prepared), "--out", str(out), "--steps", str(steps)]) == 0
+    )
+    fitted = load_checkpoint(out)
+    new = fitted.model.state_dict()
+    for k, v in plain.state_dict().items():
+        assert torch.equal(new[k], v), k
+    return plain, fitted, out, ck
+
+
 def test_image_context_fit_and_cli(prepared, tmp_path, capsys):
     """The image context's warm start changes only its own weights and learns the training
     actions; `m2 fit-image-context` writes a checkpoint whose transformer weights are the
     input's, whose config has the context, and which generation uses; bad input is exit 2."""
-    from m2core.checkpoint import load_checkpoint, save_checkpoint
+    from m2core.checkpoint import save_checkpoint
     from m2core.generate import GenerationConfig, generate
     from m2core.model import M2Config, M2Model
-    from m2core.tokenizers.image import ImageTokenizer
-    from m2core.tokenizers.text import TextTokenizer
     from training.data import Shards, load_meta
     from training.image_context import fit
     from training.image_context import main as fit_main
@@ -373,10 +402,11 @@ def test_image_context_fit_and_cli(prepared, tmp_path, capsys):
     model = M2Model(M2Config.from_preset("tiny", **base, image_context_levels=4))
     train = Shards(prepared, "train")
     pose_warm_start(model, train, None, 300)  # an action head that reads the pose context
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    got = fit(model, train, Shards(prepared, "val"), 300, progress=False)
-    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
-    assert changed and all(k.startswith("image_context.") for k in changed)
+    got = _fit_changes_only(
+        model,
+        "image_context",
+        lambda: fit(model, train, Shards(prepared, "val"), 300, progress=False),
+    )
     assert got["train_ce"] < 0.75 * np.log(n_actions) and 0 <= got["val_accuracy"] <= 1
     assert all(p.grad is None for p in model.parameters())
     with pytest.raises(ValueError, match=r"needs model\.image_context_levels"):
@@ -384,18 +414,10 @@ def test_image_context_fit_and_cli(prepared, tmp_path, capsys):
 
     plain = M2Model(M2Config.from_preset("tiny", **base)).eval()
     torch.nn.init.normal_(plain.caption_context.weight, std=0.5)  # as if trained: not zero
-    tok = ImageTokenizer.from_pretrained(prepared / "image_tokenizer")
-    ck = save_checkpoint(tmp_path / "ck", plain, tok, TextTokenizer.load(prepared))
-    plain = load_checkpoint(ck).model  # the stored weights, as the CLI reads them
-    out = tmp_path / "ck-img"
-    argv = [str(ck), "--data", str(prepared), "--out", str(out), "--steps", "20"]
-    assert fit_main(argv) == 0
-    fitted = load_checkpoint(out)
+    plain, fitted, out, ck = _refit_cli(prepared, tmp_path, plain, fit_main, "ck-img", 20)
+    tok = fitted.image_tokenizer
     assert fitted.model.config.image_context_levels == 4
     assert fitted.config["extra"]["image_context"]["steps"] == 20
-    new = fitted.model.state_dict()
-    for k, v in plain.state_dict().items():
-        assert torch.equal(new[k], v), k
     # generation gives the context's vector to the captions only where it read the skeleton
     shards = Shards(prepared, "val")
     rgb = torch.from_numpy(np.asarray(shards.arrays["tok_rgb"][:4], np.int64))
@@ -431,11 +453,9 @@ def test_motion_fit_and_cli(prepared, tmp_path, capsys):
     skeletons' motion better than standing still; `m2 fit-motion` writes a checkpoint whose
     transformer weights are the input's and whose forecast generation moves with it, while
     the present skeleton and caption stay as they were; bad input is exit 2."""
-    from m2core.checkpoint import load_checkpoint, save_checkpoint
+    from m2core.checkpoint import save_checkpoint
     from m2core.generate import GenerationConfig, generate
     from m2core.model import M2Config, M2Model
-    from m2core.tokenizers.image import ImageTokenizer
-    from m2core.tokenizers.text import TextTokenizer
     from training.data import Shards, load_meta
     from training.motion import _batch, _distance, fit
     from training.motion import main as fit_main
@@ -447,13 +467,12 @@ def test_motion_fit_and_cli(prepared, tmp_path, capsys):
     torch.manual_seed(0)
     model = M2Model(M2Config.from_preset("tiny", **base, motion_width=64))
     train = Shards(prepared, "train")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
     rows = np.arange(len(train))
     feats, move, seen = _batch(train, rows, torch.device("cpu"))
     still = float(((move.pow(2).sum(-1) + 1e-8).sqrt() * seen).sum() / seen.sum())
-    got = fit(model, train, Shards(prepared, "val"), 400, progress=False)
-    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
-    assert changed and all(k.startswith("motion.") for k in changed)
+    got = _fit_changes_only(
+        model, "motion", lambda: fit(model, train, Shards(prepared, "val"), 400, progress=False)
+    )
     with torch.no_grad():
         assert float(_distance(model.motion, feats, move, seen)) < 0.8 * still
     assert got["val_distance"] > 0 and got["val_zero_velocity"] > 0
@@ -461,17 +480,10 @@ def test_motion_fit_and_cli(prepared, tmp_path, capsys):
         fit(M2Model(M2Config.from_preset("tiny", **base)), train, None, 1)
 
     plain = M2Model(M2Config.from_preset("tiny", **base)).eval()
-    tok = ImageTokenizer.from_pretrained(prepared / "image_tokenizer")
-    ck = save_checkpoint(tmp_path / "ck", plain, tok, TextTokenizer.load(prepared))
-    plain = load_checkpoint(ck).model
-    out = tmp_path / "ck-motion"
-    assert fit_main([str(ck), "--data", str(prepared), "--out", str(out), "--steps", "30"]) == 0
-    fitted = load_checkpoint(out)
+    plain, fitted, out, ck = _refit_cli(prepared, tmp_path, plain, fit_main, "ck-motion", 30)
+    tok = fitted.image_tokenizer
     assert fitted.model.config.motion_width > 0
     assert fitted.config["extra"]["motion"]["steps"] == 30
-    new = fitted.model.state_dict()
-    for k, v in plain.state_dict().items():
-        assert torch.equal(new[k], v), k
     shards = Shards(prepared, "val")
     rgb = torch.from_numpy(np.asarray(shards.arrays["tok_rgb"][:4], np.int64))
     coords = torch.from_numpy(np.asarray(shards.arrays["coords"][:4], np.int64))
@@ -496,11 +508,9 @@ def test_pose_reader_fit_and_cli(prepared, tmp_path, capsys):
     figures' joints are; `m2 fit-pose-reader` writes a checkpoint whose transformer weights
     are the input's; generation takes the reader's positions (and the transformer's flags)
     for a skeleton read from the frame and leaves a given one alone; bad input is exit 2."""
-    from m2core.checkpoint import load_checkpoint, save_checkpoint
+    from m2core.checkpoint import load_checkpoint
     from m2core.generate import GenerationConfig, generate
     from m2core.model import M2Config, M2Model
-    from m2core.tokenizers.image import ImageTokenizer
-    from m2core.tokenizers.text import TextTokenizer
     from training.data import Shards, load_meta
     from training.pose_reader import _batch, fit
     from training.pose_reader import main as fit_main
@@ -519,31 +529,24 @@ def test_pose_reader_fit_and_cli(prepared, tmp_path, capsys):
             return float(((model.pose_reader(rgb) - xy).abs().sum(-1) * seen).sum() / seen.sum())
 
     before_l1 = l1()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    got = fit(model, train, Shards(prepared, "val"), 300, progress=False)
-    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
-    assert changed and all(k.startswith("pose_reader.") for k in changed)
+    got = _fit_changes_only(
+        model,
+        "pose_reader",
+        lambda: fit(model, train, Shards(prepared, "val"), 300, progress=False),
+    )
     assert l1() < 0.6 * before_l1
     assert 0 <= got["val_pck@0.05"] <= 1
     with pytest.raises(ValueError, match=r"needs model\.pose_reader_levels"):
         fit(M2Model(M2Config.from_preset("tiny", **base)), train, None, 1)
 
     plain = M2Model(M2Config.from_preset("tiny", **base)).eval()
-    tok = ImageTokenizer.from_pretrained(prepared / "image_tokenizer")
-    ck = save_checkpoint(tmp_path / "ck", plain, tok, TextTokenizer.load(prepared))
-    plain = load_checkpoint(ck).model
-    out = tmp_path / "ck-reader"
-    assert fit_main([str(ck), "--data", str(prepared), "--out", str(out), "--steps", "20"]) == 0
-    fitted = load_checkpoint(out)
+    plain, fitted, out, ck = _refit_cli(prepared, tmp_path, plain, fit_main, "ck-reader", 20)
     assert fitted.model.config.pose_reader_levels == 4
     assert fitted.config["extra"]["pose_reader"]["steps"] == 20
     again = tmp_path / "ck-reader2"  # a second pass keeps the first's record
     assert fit_main([str(out), "--data", str(prepared), "--out", str(again), "--steps", "5", "--seed", "1"]) == 0  # fmt: skip
     record = load_checkpoint(again).config["extra"]["pose_reader"]
     assert record["steps"] == 5 and [r["steps"] for r in record["earlier"]] == [20]
-    new = fitted.model.state_dict()
-    for k, v in plain.state_dict().items():
-        assert torch.equal(new[k], v), k
     shards = Shards(prepared, "val")
     rgb = torch.from_numpy(np.asarray(shards.arrays["tok_rgb"][:4], np.int64))
     coords = torch.from_numpy(np.asarray(shards.arrays["coords"][:4], np.int64))
