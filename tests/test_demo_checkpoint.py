@@ -128,6 +128,10 @@ def test_eval_on_the_bundled_checkpoint_reproduces_the_model_card(tmp_path):
         want["captions"]["action_accuracy"], abs=0.05
     )
     assert report["ce"]["mean"] == pytest.approx(want["ce"]["mean"], rel=0.02)
+    if "coords_next_from_frame" in want:  # the forecast as /predict makes it
+        ff, wff = report["coords_next_from_frame"], want["coords_next_from_frame"]
+        for key in ("ade", "fde"):
+            assert ff[key] == pytest.approx(wff[key], rel=0.05, abs=2e-3)
     if "action_accuracy_from_frame" in want["captions"]:
         assert report["captions"]["action_accuracy_from_frame"] == pytest.approx(
             want["captions"]["action_accuracy_from_frame"], abs=0.05

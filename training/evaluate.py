@@ -13,6 +13,8 @@ Protocols (all on a fixed, seeded subset of the split):
   with a fixed seed), comparable with the validation CE logged during training.
 - `coords`: generated from the frame alone. `coords_next`, `tok_rgb_next`: generated from
   the frame and the true skeleton at t (the same information the baselines get).
+  `coords_next_from_frame`: the future generated from the frame alone, as `/predict` does
+  (the model reads the skeleton first), beside holding that read skeleton still.
   `captions`: teacher-forced token accuracy; BLEU and "names the action" on captions
   generated from the frame and the true skeleton. Generation is greedy (temperature 0).
 """
@@ -20,7 +22,6 @@ Protocols (all on a fixed, seeded subset of the split):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -129,8 +130,8 @@ def evaluate(
     mcfg = MaskingConfig(mc.input_tokens, mc.target_tokens)
     mdata = MaskedDataset(shards, lambda s, g: mask_sample(s, mcfg, g), seed + 1)
     gen_cfg = GenerationConfig(maskgit_steps=maskgit_steps, temperature=0.0, seed=seed)
-    now_cfg = dataclasses.replace(gen_cfg, steps=0)
     pred_now, pred_next, pred_rgb, captions, frame_captions = [], [], [], [], []
+    frame_next = []
     with torch.no_grad():
         for i in tqdm(range(0, len(rows), batch_size), desc="eval", unit="batch"):
             r = rows[i : i + batch_size]
@@ -144,9 +145,10 @@ def evaluate(
             for name, (ce, k) in modality_ce(model(mb)[0], mb, names).items():
                 acc_ = masked.setdefault(name, [0.0, 0])
                 acc_[0], acc_[1] = acc_[0] + float(ce), acc_[1] + int(k)
-            a = generate(model, {"tok_rgb": full["tok_rgb"]}, now_cfg)  # the present only
+            a = generate(model, {"tok_rgb": full["tok_rgb"]}, gen_cfg)  # what /predict does
             b = generate(model, {"tok_rgb": full["tok_rgb"], "coords": full["coords"]}, gen_cfg)
             pred_now.append(a.coords.numpy())
+            frame_next.append(a.coords_next[:, 0].numpy())
             pred_next.append(b.coords_next[:, 0].numpy())
             pred_rgb.append(b.tok_rgb_next[:, 0].numpy())
             captions += b.captions
@@ -171,6 +173,9 @@ def evaluate(
                         "zero_velocity": M.forecast_metrics(M.zero_velocity(gt_now, 6), gt_next, scale),
                         "constant_velocity": M.forecast_metrics(M.constant_velocity(gt_now, gt_prev, offsets), gt_next, scale)},
         "coords": {"pck@0.05": M.pck(err_now, gt_now[..., 2] > 0.5)},
+        "coords_next_from_frame": {
+            **M.forecast_metrics(pose.decode_future(np.concatenate(frame_next), strict=False), gt_next, scale),
+            "zero_velocity": M.forecast_metrics(M.zero_velocity(p_now, 6), gt_next, scale)},
     }  # fmt: skip
     report["tok_rgb_next"] = _image_metrics(bundle, np.concatenate(pred_rgb), A, rows, batch_size)
     report["captions"] = _caption_metrics(text_tok, captions, A, rows, meta, ce_sum["captions"])
@@ -251,6 +256,11 @@ def _f(x: Any) -> str:
     return "n/a" if x is None or (isinstance(x, float) and x != x) else f"{x:.3f}"
 
 
+def _pose_row(label: str, m: dict[str, Any]) -> str:
+    pck = " | ".join(_f(x) for x in m["pck@0.05"])
+    return f"| {label} | {pck} | {_f(m['ade'])} | {_f(m['fde'])} |"
+
+
 def markdown(r: dict[str, Any]) -> str:
     cn = r["coords_next"]
     lines = [f"# M2 evaluation: {r['samples']} samples from {r['clips']} clips ({r['split']} split)", "",
@@ -260,19 +270,22 @@ def markdown(r: dict[str, Any]) -> str:
     lines += ["", "## Future skeletons (`coords_next`)", "",
               "| method | " + " | ".join(f"PCK@0.05 t+{i + 1}" for i in range(len(cn["pck@0.05"]))) + " | ADE | FDE |",
               "|---" * (len(cn["pck@0.05"]) + 3) + "|"]  # fmt: skip
-    for label, m in (
-        ("M2", cn),
-        ("zero velocity", cn["zero_velocity"]),
-        ("constant velocity", cn["constant_velocity"]),
-    ):
-        lines.append(
-            f"| {label} | "
-            + " | ".join(_f(x) for x in m["pck@0.05"])
-            + f" | {_f(m['ade'])} | {_f(m['fde'])} |"
-        )
+    rows = [("M2", cn), ("zero velocity", cn["zero_velocity"]),
+            ("constant velocity", cn["constant_velocity"])]  # fmt: skip
+    lines += [_pose_row(label, m) for label, m in rows]
     t, c = r["tok_rgb_next"], r["captions"]
-    lines += ["", "ADE / FDE in person scales (longer side of the box at t); invisible joints excluded.", "",
-              f"Skeleton now from the frame alone: PCK@0.05 {_f(r['coords']['pck@0.05'])}", "",
+    lines += ["", "Given the frame and the true skeleton at t. ADE / FDE in person scales (longer side "
+              "of the box at t); invisible joints excluded.", "",
+              f"Skeleton now from the frame alone: PCK@0.05 {_f(r['coords']['pck@0.05'])}", ""]  # fmt: skip
+    ff = r.get("coords_next_from_frame")
+    if ff:  # reports written before this section existed lack it
+        lines += ["## Future skeletons from the frame alone (what `/predict` does)", "",
+                  "| method | " + " | ".join(f"PCK@0.05 t+{i + 1}" for i in range(len(ff["pck@0.05"]))) + " | ADE | FDE |",
+                  "|---" * (len(ff["pck@0.05"]) + 3) + "|",
+                  _pose_row("M2", ff), _pose_row("zero velocity (the skeleton M2 read)", ff["zero_velocity"]), "",
+                  "M2 reads the skeleton from the frame, then forecasts from it; errors against the true "
+                  "future skeletons.", ""]  # fmt: skip
+    lines += [
               "## Next key frame (`tok_rgb_next`)", "", "| method | token accuracy | PSNR (dB) |", "|---|---|---|",
               f"| M2 | {_f(t['token_accuracy'])} | {_f(t.get('psnr'))} |",
               f"| copy current frame | {_f(t['copy_current']['token_accuracy'])} | {_f(t['copy_current'].get('psnr'))} |",

@@ -133,6 +133,25 @@ def test_report_has_the_designed_keys_and_honest_baselines(trained, tmp_path):
         (now == nxt).mean()
     )
     assert "| zero velocity |" in (tmp_path / "report.md").read_text()
+    # the forecast from the frame alone is generate's, and its baseline holds the skeleton
+    # generate read from the frame still; both scored against the true future
+    from m2core.checkpoint import load_checkpoint
+    from m2core.generate import GenerationConfig, generate
+    from m2core.tokenizers.pose import PoseTokenizer
+
+    g = generate(load_checkpoint(ckpt).model.eval(), {"tok_rgb": torch.from_numpy(now.astype(np.int64))},
+                 GenerationConfig(maskgit_steps=1, temperature=0.0))  # fmt: skip
+    pose, bbox = PoseTokenizer(), np.load(data / "val" / "bbox.npy")
+    truth = pose.decode_future(np.load(data / "val" / "coords_next.npy").astype(np.int64))
+    read = pose.decode(g.coords.numpy(), strict=False)
+    ff, scale = saved["coords_next_from_frame"], M.person_scale(bbox)
+    want = M.forecast_metrics(
+        pose.decode_future(g.coords_next[:, 0].numpy(), strict=False), truth, scale
+    )
+    assert ff["ade"] == pytest.approx(want["ade"]) and ff["fde"] == pytest.approx(want["fde"])
+    still = M.forecast_metrics(M.zero_velocity(read, 6), truth, scale)
+    assert ff["zero_velocity"]["ade"] == pytest.approx(still["ade"])
+    assert "what `/predict` does" in (tmp_path / "report.md").read_text()
     for name in ("original", "predicted"):
         gif = Image.open(tmp_path / f"pose_future_{name}.gif")
         assert gif.n_frames == 7 and gif.size[1] == 256
