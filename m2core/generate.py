@@ -332,7 +332,7 @@ def generate(
         gen = timed(
             "coords", maskgit, model, "coords", model.context_kv(ctx), mask, cfg, gens, table
         )
-        if model.pose_reader is not None:  # the transformer's flags, the reader's positions
+        if model.pose_reader is not None:  # the reader's positions (and flags, with its head)
             gen = timed("coords", model.read_pose, rgb, gen)
         coords = torch.where(has_coords[:, None], coords, gen)
     if not bool(has_caps.all()):  # captions <- tok_rgb, coords

@@ -6,8 +6,8 @@
 # the times of every stage): 3.2 minutes on one H100, then two 45-minute fine-tunes on a
 # 2-core CPU (configs/m2-tiny-finetune.yaml, configs/m2-tiny-finetune-context.yaml); then
 # its image context (m2 fit-image-context, ~4 minutes), its motion head (m2 fit-motion,
-# ~6 minutes) and its pose reader (m2 fit-pose-reader, two passes, ~30 minutes) were
-# fitted. Without a GPU the first stage runs on the CPU and gives a far weaker model in an
+# ~6 minutes), its pose reader (m2 fit-pose-reader, two passes, ~30 minutes) and the motion
+# head again on the skeletons the reader reads (~8 minutes) were fitted. Without a GPU the first stage runs on the CPU and gives a far weaker model in an
 # hour. FINETUNE_MINUTES=0 skips both fine-tunes, CONTEXT_MINUTES=0 the third stage,
 # IMAGE_CONTEXT_STEPS=0 the image context (it needs the stages before it), MOTION_STEPS=0
 # the motion head and POSE_READER_STEPS=0 the pose reader.
@@ -94,6 +94,13 @@ if [ "$POSE_READER_STEPS" != 0 ]; then  # last: the pose reader (the skeleton fr
     "$WORK/pose_reader" --data "$WORK/prepared" --out "$WORK/pose_reader2" \
     --steps "$POSE_READER_STEPS" --seed 1
   FINAL="$WORK/pose_reader2"
+  if [ "$MOTION_STEPS" != 0 ]; then
+    # last: the motion head again, from where it was, with half of each batch forecast from
+    # the skeleton the pose reader reads from the frame (what /predict forecasts from)
+    stage "m2 fit-motion, read skeletons (${MOTION_STEPS} steps)" 2 m2 fit-motion "$FINAL" \
+      --data "$WORK/prepared" --out "$WORK/motion_read" --steps "$MOTION_STEPS"
+    FINAL="$WORK/motion_read"
+  fi
 fi
 # Half-precision storage keeps the bundle under 40 MB; loading restores fp32.
 python scripts/pack_checkpoint.py "$FINAL" "$CKPT" --dtype float16

@@ -151,31 +151,46 @@ def card(ckpt: Path, work: Path, history: str = "", earlier: list[Path] | None =
                      f"it names the action of {100 * image['val_accuracy']:.1f}% of validation frames (window on "
                      "the true skeleton). The transformer's weights are those of the stage before.")  # fmt: skip
     motion = config.get("extra", {}).get("motion")
-    if motion:  # fitted last (`m2 fit-motion`)
+    # a motion fit that reads skeletons from the frame needs the pose reader: it came after
+    passes = [*motion.get("earlier", []), motion] if motion else []
+    for r in [r for r in passes if not r.get("read_share")]:  # fitted on true skeletons
         train_cmd += (f"\nm2 fit-motion data/demo/{last} --data data/demo/prepared "
-                      f"--out data/demo/motion --steps {motion['steps']}")  # fmt: skip
+                      f"--out data/demo/motion --steps {r['steps']}")  # fmt: skip
         last = "motion"
-        gain = 1 - motion["val_distance"] / motion["val_zero_velocity"]
-        training += (f"\nThen the motion head (the forecast from the skeleton's shape): {motion['steps']} steps of "
-                     f"{motion['batch_size']} training skeletons in {motion['seconds'] / 60:.1f} min; alone, its "
+        gain = 1 - r["val_distance"] / r["val_zero_velocity"]
+        training += (f"\nThen the motion head (the forecast from the skeleton's shape): {r['steps']} steps of "
+                     f"{r['batch_size']} training skeletons in {r['seconds'] / 60:.1f} min; alone, its "
                      f"forecast of validation skeletons is {100 * gain:.1f}% closer than zero velocity (mean joint "
-                     f"distance {motion['val_distance']:.4f} vs {motion['val_zero_velocity']:.4f} skeleton extents). "
+                     f"distance {r['val_distance']:.4f} vs {r['val_zero_velocity']:.4f} skeleton extents). "
                      "The transformer's weights are those of the stage before.")  # fmt: skip
     reader = config.get("extra", {}).get("pose_reader")
     if reader:  # fitted last (`m2 fit-pose-reader`), in one or more passes
-        passes = [*reader.get("earlier", []), reader]
-        for k, r in enumerate(passes):
+        passes_r = [*reader.get("earlier", []), reader]
+        for k, r in enumerate(passes_r):
             out = "pose_reader" + (str(k + 1) if k else "")
             seed = f" --seed {r['seed']}" if r["seed"] else ""
             train_cmd += (f"\nm2 fit-pose-reader data/demo/{last} --data data/demo/prepared "
                           f"--out data/demo/{out} --steps {r['steps']}{seed}")  # fmt: skip
             last = out
-        minutes = sum(r["seconds"] for r in passes) / 60
-        training += (f"\nThen the pose reader (the skeleton from the frame): {len(passes)} pass(es) of "
-                     f"{' + '.join(str(r['steps']) for r in passes)} steps of {reader['batch_size']} training "
+        minutes = sum(r["seconds"] for r in passes_r) / 60
+        training += (f"\nThen the pose reader (the skeleton from the frame): {len(passes_r)} pass(es) of "
+                     f"{' + '.join(str(r['steps']) for r in passes_r)} steps of {reader['batch_size']} training "
                      f"frames in {minutes:.1f} min; alone, it places {100 * reader['val_pck@0.05']:.1f}% of the "
                      "visible joints of validation frames within PCK@0.05. The transformer's weights are "
                      "those of the stage before.")  # fmt: skip
+    for r in [r for r in passes if r.get("read_share")]:  # on skeletons read from the frame
+        share = "" if r["read_share"] == 0.5 else f" --read-share {r['read_share']:g}"
+        train_cmd += (f"\nm2 fit-motion data/demo/{last} --data data/demo/prepared "
+                      f"--out data/demo/motion_read --steps {r['steps']}{share}")  # fmt: skip
+        last = "motion_read"
+        gain = 1 - r["val_distance"] / r["val_zero_velocity"]
+        gain_read = 1 - r["val_read_distance"] / r["val_read_zero_velocity"]
+        training += (f"\nLast, the motion head again, from where it was, with {100 * r['read_share']:.0f}% of each batch "
+                     f"forecast from the skeleton the pose reader reads from the frame (as `/predict` does): "
+                     f"{r['steps']} steps in {r['seconds'] / 60:.1f} min. On validation skeletons its forecast is "
+                     f"{100 * gain:.1f}% closer than zero velocity from the true skeleton, and from the read one "
+                     f"{100 * gain_read:.1f}% closer than holding it still ({r['val_read_distance']:.4f} vs "
+                     f"{r['val_read_zero_velocity']:.4f} extents).")  # fmt: skip
     stage = "\n".join(f"| {k} | {v / 60:.1f} min |" for k, v in times.items() if k != "machine")
     return f"""# M2 demo checkpoint (`m2-tiny`)
 

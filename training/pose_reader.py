@@ -3,14 +3,16 @@
 The reader maps a frame's tokens, as FSQ code values, to every joint's position; generation
 uses its positions for the skeleton it reads from a frame (model.py). It is fitted here,
 alone, on (frame tokens, skeleton) pairs of the training split: the loss is the L1
-distance between read and true positions over the visible joints. The transformer is not
-trained on it.
+distance between read and true positions over the visible joints, plus (with the flag head,
+`pose_reader_flags`, which this command adds) `flag_weight` times the binary cross-entropy
+of each joint's visibility. The transformer is not trained on it.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from m2core.modalities import NUM_JOINTS, POSE_BINS
 from m2core.model import M2Model
@@ -20,14 +22,16 @@ from training.pose_context import fit_alone, require_arrays
 
 
 def _batch(arrays, rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """-> frame tokens (B, 256), true joint positions in [0, 1] (B, 13, 2), visible (B, 13)."""
+    """-> frame tokens (B, 256), true joint positions in [0, 1] (B, 13, 2), visible and
+    placed in the frame (B, 13), visibility flag (B, 13)."""
     rows = np.sort(rows)  # memory-mapped arrays read faster in order
     rgb = torch.from_numpy(np.asarray(arrays["tok_rgb"][rows], np.int64)).to(device)
     coords = torch.from_numpy(np.asarray(arrays["coords"][rows], np.int64)).to(device)
     joints = coords.view(-1, NUM_JOINTS, 3)
     xy = (joints[..., :2].float() + 0.5) / POSE_BINS
-    seen = (joints[..., :2] < POSE_BINS).all(-1) & (joints[..., 2] == POSE_BINS + 1)
-    return rgb, xy, seen
+    flag = joints[..., 2] == POSE_BINS + 1
+    seen = (joints[..., :2] < POSE_BINS).all(-1) & flag
+    return rgb, xy, seen, flag
 
 
 def fit(
@@ -39,13 +43,18 @@ def fit(
     batch_size: int = 128,
     lr: float = 2e-3,
     progress: bool = True,
+    flag_weight: float = 0.05,
 ) -> dict[str, float]:
-    """Fit `model.pose_reader` for `steps` AdamW steps -> {"train_l1" (mean |error| per
-    coordinate, frame units), "val_pck@0.05" (visible joints of up to 2,048 validation
-    frames within 0.05 of the person's size; NaN without a val split or boxes)}. Only the
-    reader's weights change."""
+    """Fit `model.pose_reader` for `steps` AdamW steps -> {"train_loss" (running mean: the
+    mean |error| per coordinate in frame units, plus the flags' weighted cross-entropy),
+    "val_pck@0.05" (visible joints of up to 2,048 validation frames within 0.05 of the
+    person's size; NaN without a val split or boxes)} and with the flag head
+    "val_flag_accuracy" beside "val_flag_all_visible" (every joint marked visible). Only
+    the reader's weights change."""
     if model.pose_reader is None:
         raise ValueError("fitting the pose reader needs model.pose_reader_levels")
+    if flag_weight < 0:
+        raise ValueError(f"flag weight must be >= 0, got {flag_weight}")
     require_arrays(train, ("tok_rgb", "coords"), "pose reader")
     rng = np.random.default_rng([seed, 0x9E4D])
     net = model.pose_reader
@@ -56,22 +65,33 @@ def fit(
     net.train()
 
     def loss_at(step: int) -> torch.Tensor:
-        rgb, xy, seen = _batch(arrays, rng.choice(len(train), min(batch_size, len(train))), device)
-        err = (net(rgb) - xy).abs().sum(-1)
-        return (err * seen).sum() / seen.sum().clamp(min=1) / 2
+        rgb, xy, seen, flag = _batch(
+            arrays, rng.choice(len(train), min(batch_size, len(train))), device
+        )
+        got, visible = net.read(rgb)
+        err = (got - xy).abs().sum(-1)
+        loss = (err * seen).sum() / seen.sum().clamp(min=1) / 2
+        if visible is not None:
+            loss = loss + flag_weight * F.binary_cross_entropy_with_logits(visible, flag.float())
+        return loss
 
     desc = "pose reader" if progress else None
     run = fit_alone(net.parameters(), loss_at, steps, lr, 0.01, warmup=100, desc=desc)
-    out = {"train_l1": run, "val_pck@0.05": float("nan")}
+    out = {"train_loss": run, "val_pck@0.05": float("nan")}
     if val is not None and len(val) and "bbox" in val.arrays:
         net.eval()
         rows = np.sort(rng.choice(len(val), min(2048, len(val)), replace=False))
-        rgb, xy, seen = _batch(val.arrays, rows, device)
+        rgb, xy, seen, flag = _batch(val.arrays, rows, device)
         with torch.no_grad():
-            got = torch.cat([net(rgb[i : i + 256]) for i in range(0, len(rgb), 256)])
+            parts = [net.read(rgb[i : i + 256]) for i in range(0, len(rgb), 256)]
+        got = torch.cat([p[0] for p in parts])
         scale = person_scale(np.asarray(val.arrays["bbox"][rows]))
         err = normalised_errors(got.cpu().numpy(), xy.cpu().numpy(), scale)
         out["val_pck@0.05"] = pck(err, seen.cpu().numpy())
+        if net.visible is not None:
+            visible = torch.cat([p[1] for p in parts]) > 0
+            out["val_flag_accuracy"] = float((visible == flag).float().mean())
+            out["val_flag_all_visible"] = float(flag.float().mean())
     model.train(was_training)
     return out
 
@@ -81,7 +101,7 @@ def _option(bundle) -> dict:
 
     if bundle.image_tokenizer is None:
         raise ValueError("the checkpoint has no image tokenizer inside")
-    return {"pose_reader_levels": image_levels(bundle.image_tokenizer)}
+    return {"pose_reader_levels": image_levels(bundle.image_tokenizer), "pose_reader_flags": True}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,5 +119,19 @@ def main(argv: list[str] | None = None) -> int:
         fit=fit,
         steps=(4000, "AdamW steps (default 4000: ~8 min on 2 CPU cores)"),
         batch_size=128,
-        summary=lambda got: f"validation PCK@0.05 {got['val_pck@0.05']:.3f}",
-    )
+        summary=_summary,
+        options={
+            "--flag-weight": dict(
+                type=float, default=0.05, dest="flag_weight",
+                help="weight of the visibility flags' cross-entropy beside the L1 (default 0.05)",
+            )
+        },
+    )  # fmt: skip
+
+
+def _summary(got: dict[str, float]) -> str:
+    out = f"validation PCK@0.05 {got['val_pck@0.05']:.3f}"
+    if "val_flag_accuracy" in got:
+        out += (f", flags right {got['val_flag_accuracy']:.3f} (all visible: "
+                f"{got['val_flag_all_visible']:.3f})")  # fmt: skip
+    return out

@@ -22,7 +22,7 @@ from m2core.model import M2Config, M2Model
 from training.data import Shards
 
 # (model, train, val or None, steps, seed, batch size) -> figures of the fit
-Fit = Callable[[M2Model, Shards, "Shards | None", int, int, int], dict[str, float]]
+Fit = Callable[..., dict[str, float]]  # and the keywords of `options`
 
 
 def main(
@@ -36,10 +36,12 @@ def main(
     steps: tuple[int, str],
     batch_size: int,
     summary: Callable[[dict[str, float]], str],
+    options: dict[str, dict[str, Any]] | None = None,
 ) -> int:
     """`option(bundle)` -> the config fields that add the part (raises ValueError when the
     checkpoint cannot take it); `part`: the module's name in the model and the key of its
-    record in `extra`; `steps`: the default and its help."""
+    record in `extra`; `steps`: the default and its help; `options`: further flags
+    (argparse keyword arguments, each with a `dest`), passed to `fit` as keywords."""
     log = logging.getLogger(f"m2.{part}")
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("checkpoint", type=Path, help="serving checkpoint (m2 export)")
@@ -50,6 +52,8 @@ def main(
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--storage-dtype", choices=["float16", "bfloat16"], default=None,
                    help="store the weights at half size (loading restores fp32)")  # fmt: skip
+    for flag, kwargs in (options or {}).items():
+        p.add_argument(flag, **kwargs)
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1:
         p.error("--steps and --batch-size must be >= 1")
@@ -73,7 +77,8 @@ def main(
     assert not unexpected and all(k.startswith(part + ".") for k in missing), (missing, unexpected)
     t0 = time.perf_counter()
     try:
-        got = fit(model, train, val, args.steps, args.seed, args.batch_size)
+        more = {kw["dest"]: getattr(args, kw["dest"]) for kw in (options or {}).values()}
+        got = fit(model, train, val, args.steps, args.seed, args.batch_size, **more)
     except ValueError as e:  # data the part cannot be fitted on
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
@@ -82,7 +87,8 @@ def main(
     extra = dict(bundle.config.get("extra") or {})
     record = {"steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
               "seconds": round(seconds, 1), "data": str(args.data), **got}  # fmt: skip
-    if not missing and part in extra:  # a further fit of a part the checkpoint had
+    had = any(k.startswith(part + ".") for k in bundle.model.state_dict())
+    if had and part in extra:  # a further fit of a part the checkpoint had (perhaps grown)
         before = dict(extra[part])
         record["earlier"] = [*before.pop("earlier", []), before]
     extra[part] = record

@@ -545,3 +545,30 @@ def test_pose_reader_reads_positions_and_keeps_the_flags():
     assert xy.shape == (3, 13, 2) and ((xy >= 0) & (xy <= 1)).all()
     assert torch.equal(read[..., 2], coords.view(3, 13, 3)[..., 2])
     assert torch.equal(read[..., :2], (xy * 8192).floor().long())
+
+
+def test_pose_reader_flag_head_gives_the_flags():
+    """With pose_reader_flags the reader also gives each joint a visibility logit (a map per
+    joint averaged under its heat map), and read_pose takes its flags: visible where the
+    logit is above 0. Its positions are those of the same reader without the flag head."""
+    with pytest.raises(ValueError, match="pose_reader_flags needs pose_reader_levels"):
+        M2Config(**SMALL, pose_reader_flags=True)
+    torch.manual_seed(0)
+    model = _model(pose_reader_levels=8, pose_reader_flags=True).eval()
+    plain = _model(pose_reader_levels=8).eval()
+    state = {
+        k: v for k, v in model.state_dict().items() if not k.startswith("pose_reader.visible.")
+    }
+    plain.load_state_dict(state)
+    rgb = torch.randint(0, 64, (3, 256))
+    coords = torch.randint(0, 8192, (3, 13, 3))
+    coords[..., 2] = 8193  # all visible
+    coords = coords.flatten(1)
+    with torch.no_grad():
+        torch.nn.init.normal_(model.pose_reader.visible.weight, std=1.0)  # logits of both signs
+        xy, logits = model.pose_reader.read(rgb)
+        read = model.read_pose(rgb, coords).view(3, 13, 3)
+        assert torch.equal(xy, plain.pose_reader(rgb))
+    assert logits.shape == (3, 13) and (logits > 0).any() and (logits < 0).any()
+    assert torch.equal(read[..., 2], torch.where(logits > 0, 8193, 8192))
+    assert torch.equal(read[..., :2], (xy * 8192).floor().long())

@@ -455,7 +455,7 @@ def test_motion_fit_and_cli(prepared, tmp_path, capsys):
     the present skeleton and caption stay as they were; bad input is exit 2."""
     from m2core.checkpoint import save_checkpoint
     from m2core.generate import GenerationConfig, generate
-    from m2core.model import M2Config, M2Model
+    from m2core.model import M2Config, M2Model, skeleton_features
     from training.data import Shards, load_meta
     from training.motion import _batch, _distance, fit
     from training.motion import main as fit_main
@@ -478,12 +478,41 @@ def test_motion_fit_and_cli(prepared, tmp_path, capsys):
     assert got["val_distance"] > 0 and got["val_zero_velocity"] > 0
     with pytest.raises(ValueError, match=r"needs model\.motion_width"):
         fit(M2Model(M2Config.from_preset("tiny", **base)), train, None, 1)
+    with pytest.raises(ValueError, match="needs a pose reader"):
+        fit(model, train, None, 1, read_share=0.5)
+
+    # With a pose reader, batches forecast from the skeleton it reads from the frame. This
+    # one is untrained, so its skeletons are far off: a head fitted on them learns to
+    # forecast from them, one fitted on true skeletons does not.
+    torch.manual_seed(0)
+    both = M2Model(M2Config.from_preset("tiny", **base, motion_width=64, pose_reader_levels=4))
+    start = {k: v.clone() for k, v in both.state_dict().items()}
+    read = _batch(train, rows, torch.device("cpu"), both)
+    with torch.no_grad():  # the read skeleton's features are those of read_pose's ids
+        now = torch.from_numpy(np.asarray(train.arrays["coords"][rows], np.int64))
+        rgb = torch.from_numpy(np.asarray(train.arrays["tok_rgb"][rows], np.int64))
+        ids = both.read_pose(rgb, now)
+        want = skeleton_features(ids, torch.arange(39).expand_as(ids), ids >= 0)
+    assert torch.equal(read[0], want) and not torch.equal(read[0], feats)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        fit(both, train, None, 1, read_share=1.5)
+    far = {}
+    for share in (0.0, 1.0):
+        both.load_state_dict(start)
+        got = _fit_changes_only(both, "motion", lambda s=share: fit(both, train, Shards(prepared, "val"), 300, read_share=s, progress=False))  # fmt: skip
+        assert got["read_share"] == share and got["val_read_zero_velocity"] > 0
+        with torch.no_grad():
+            far[share] = float(_distance(both.motion, *read))
+    still_read = float(((read[1].pow(2).sum(-1) + 1e-8).sqrt() * read[2]).sum() / read[2].sum())
+    assert far[1.0] < 0.8 * still_read and far[1.0] < 0.8 * far[0.0]
+    assert fit(both, train, None, 1, progress=False)["read_share"] == 0.5  # the default
 
     plain = M2Model(M2Config.from_preset("tiny", **base)).eval()
     plain, fitted, out, ck = _refit_cli(prepared, tmp_path, plain, fit_main, "ck-motion", 30)
     tok = fitted.image_tokenizer
     assert fitted.model.config.motion_width > 0
     assert fitted.config["extra"]["motion"]["steps"] == 30
+    assert fitted.config["extra"]["motion"]["read_share"] == 0.0  # no pose reader
     shards = Shards(prepared, "val")
     rgb = torch.from_numpy(np.asarray(shards.arrays["tok_rgb"][:4], np.int64))
     coords = torch.from_numpy(np.asarray(shards.arrays["coords"][:4], np.int64))
@@ -499,6 +528,9 @@ def test_motion_fit_and_cli(prepared, tmp_path, capsys):
     ck2 = save_checkpoint(tmp_path / "ck2", no_prior, tok)
     assert fit_main([str(ck2), "--data", str(prepared), "--out", str(tmp_path / "o2")]) == 2
     assert "present prior" in capsys.readouterr().err
+    args = [str(out), "--data", str(prepared), "--out", str(tmp_path / "o3"), "--read-share"]
+    assert fit_main([*args, "0.5"]) == 2
+    assert "needs a pose reader" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         fit_main([str(ck), "--data", str(prepared), "--out", str(ck)])
 
@@ -520,28 +552,36 @@ def test_pose_reader_fit_and_cli(prepared, tmp_path, capsys):
     base = dict(**small, image_vocab=meta["image_vocab"], text_vocab=meta["text_vocab"],
                 caption_len=meta["caption_len"])  # fmt: skip
     torch.manual_seed(0)
-    model = M2Model(M2Config.from_preset("tiny", **base, pose_reader_levels=4))
+    model = M2Model(M2Config.from_preset("tiny", **base, pose_reader_levels=4, pose_reader_flags=True))  # fmt: skip
     train = Shards(prepared, "train")
-    rgb, xy, seen = _batch(train.arrays, np.arange(len(train)), torch.device("cpu"))
+    rgb, xy, seen, flag = _batch(train.arrays, np.arange(len(train)), torch.device("cpu"))
 
-    def l1() -> float:
+    def l1_and_bce() -> tuple[float, float]:
         with torch.no_grad():
-            return float(((model.pose_reader(rgb) - xy).abs().sum(-1) * seen).sum() / seen.sum())
+            got, visible = model.pose_reader.read(rgb)
+            bce = torch.nn.functional.binary_cross_entropy_with_logits(visible, flag.float())
+            return float(((got - xy).abs().sum(-1) * seen).sum() / seen.sum()), float(bce)
 
-    before_l1 = l1()
+    before_l1, before_bce = l1_and_bce()
     got = _fit_changes_only(
         model,
         "pose_reader",
         lambda: fit(model, train, Shards(prepared, "val"), 300, progress=False),
     )
-    assert l1() < 0.6 * before_l1
-    assert 0 <= got["val_pck@0.05"] <= 1
+    after_l1, after_bce = l1_and_bce()
+    assert after_l1 < 0.6 * before_l1 and after_bce < 0.8 * before_bce
+    assert 0 <= got["val_pck@0.05"] <= 1 and 0 <= got["val_flag_accuracy"] <= 1
+    assert got["val_flag_all_visible"] == pytest.approx(
+        float((np.asarray(Shards(prepared, "val").arrays["coords"])[:, 2::3] == 8193).mean())
+    )
+    with pytest.raises(ValueError, match="flag weight"):
+        fit(model, train, None, 1, flag_weight=-1.0)
     with pytest.raises(ValueError, match=r"needs model\.pose_reader_levels"):
         fit(M2Model(M2Config.from_preset("tiny", **base)), train, None, 1)
 
     plain = M2Model(M2Config.from_preset("tiny", **base)).eval()
     plain, fitted, out, ck = _refit_cli(prepared, tmp_path, plain, fit_main, "ck-reader", 20)
-    assert fitted.model.config.pose_reader_levels == 4
+    assert fitted.model.config.pose_reader_levels == 4 and fitted.model.config.pose_reader_flags
     assert fitted.config["extra"]["pose_reader"]["steps"] == 20
     again = tmp_path / "ck-reader2"  # a second pass keeps the first's record
     assert fit_main([str(out), "--data", str(prepared), "--out", str(again), "--steps", "5", "--seed", "1"]) == 0  # fmt: skip
@@ -554,10 +594,21 @@ def test_pose_reader_fit_and_cli(prepared, tmp_path, capsys):
     given = {"tok_rgb": rgb, "coords": coords}
     assert torch.equal(generate(fitted.model, given, cfg).coords, coords)
     read = generate(fitted.model, {"tok_rgb": rgb}, cfg).coords.view(-1, 13, 3)
-    alone = generate(plain, {"tok_rgb": rgb}, cfg).coords.view(-1, 13, 3)
     with torch.no_grad():
-        want = (fitted.model.pose_reader(rgb) * 8192).floor().long()
-    assert torch.equal(read[..., :2], want) and torch.equal(read[..., 2], alone[..., 2])
+        got, visible = fitted.model.pose_reader.read(rgb)
+    assert torch.equal(read[..., :2], (got * 8192).floor().long())
+    assert torch.equal(read[..., 2], torch.where(visible > 0, 8193, 8192))
+    # a reader fitted before the flag head existed gets one, and its record is kept
+    from m2core.checkpoint import save_checkpoint
+
+    old = M2Model(M2Config.from_preset("tiny", **base, pose_reader_levels=4))
+    ck_old = save_checkpoint(tmp_path / "ck-old", old, fitted.image_tokenizer,
+                             extra={"pose_reader": {"steps": 7}})  # fmt: skip
+    grown = tmp_path / "ck-grown"
+    assert fit_main([str(ck_old), "--data", str(prepared), "--out", str(grown), "--steps", "3"]) == 0  # fmt: skip
+    new = load_checkpoint(grown)
+    assert new.model.config.pose_reader_flags
+    assert new.config["extra"]["pose_reader"]["earlier"] == [{"steps": 7}]
 
     assert fit_main([str(ck), "--data", str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert "nope" in capsys.readouterr().err
