@@ -178,6 +178,11 @@ def card(ckpt: Path, work: Path, history: str = "", earlier: list[Path] | None =
                      f"frames in {minutes:.1f} min; alone, it places {100 * reader['val_pck@0.05']:.1f}% of the "
                      "visible joints of validation frames within PCK@0.05. The transformer's weights are "
                      "those of the stage before.")  # fmt: skip
+        flagged = [k for k, r in enumerate(passes_r) if "val_flag_accuracy" in r]
+        if flagged:  # its flag head (visibility), added by the pass that first has a figure
+            training += (f" Its flag head (each joint's visibility), added in pass {flagged[0] + 1}, marks "
+                         f"{100 * reader['val_flag_accuracy']:.1f}% of the validation joints right "
+                         f"(marking every joint visible: {100 * reader['val_flag_all_visible']:.1f}%).")  # fmt: skip
     for r in [r for r in passes if r.get("read_share")]:  # on skeletons read from the frame
         share = "" if r["read_share"] == 0.5 else f" --read-share {r['read_share']:g}"
         train_cmd += (f"\nm2 fit-motion data/demo/{last} --data data/demo/prepared "

@@ -172,7 +172,9 @@ def evaluate(
         "coords_next": {**M.forecast_metrics(p_next, gt_next, scale),
                         "zero_velocity": M.forecast_metrics(M.zero_velocity(gt_now, 6), gt_next, scale),
                         "constant_velocity": M.forecast_metrics(M.constant_velocity(gt_now, gt_prev, offsets), gt_next, scale)},
-        "coords": {"pck@0.05": M.pck(err_now, gt_now[..., 2] > 0.5)},
+        "coords": {"pck@0.05": M.pck(err_now, gt_now[..., 2] > 0.5),
+                   "flag_accuracy": float(((p_now[..., 2] > 0.5) == (gt_now[..., 2] > 0.5)).mean()),
+                   "flag_all_visible": float((gt_now[..., 2] > 0.5).mean())},
         "coords_next_from_frame": {
             **M.forecast_metrics(pose.decode_future(np.concatenate(frame_next), strict=False), gt_next, scale),
             "zero_velocity": M.forecast_metrics(M.zero_velocity(p_now, 6), gt_next, scale)},
@@ -276,7 +278,10 @@ def markdown(r: dict[str, Any]) -> str:
     t, c = r["tok_rgb_next"], r["captions"]
     lines += ["", "Given the frame and the true skeleton at t. ADE / FDE in person scales (longer side "
               "of the box at t); invisible joints excluded.", "",
-              f"Skeleton now from the frame alone: PCK@0.05 {_f(r['coords']['pck@0.05'])}", ""]  # fmt: skip
+              f"Skeleton now from the frame alone: PCK@0.05 {_f(r['coords']['pck@0.05'])}"
+              + (f"; visibility flags right for {_f(r['coords']['flag_accuracy'])} of the joints (marking "
+                 f"every joint visible: {_f(r['coords']['flag_all_visible'])})" if "flag_accuracy" in r["coords"] else ""),
+              ""]  # fmt: skip
     ff = r.get("coords_next_from_frame")
     if ff:  # reports written before this section existed lack it
         lines += ["## Future skeletons from the frame alone (what `/predict` does)", "",
