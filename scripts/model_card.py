@@ -108,6 +108,15 @@ def _training_line(label: str, rows: list[dict], tcfg: dict) -> str:
             f"validation CE (masked, mean) {_last(rows, 'val/ce_mean') or float('nan'):.3f}.")  # fmt: skip
 
 
+def _from_frame(report: dict) -> str:
+    """The forecast from the frame alone, for reports that have it."""
+    ff = report.get("coords_next_from_frame")
+    if not ff:
+        return ""
+    return (f"\nfrom the frame alone ADE {ff['ade']:.4f} (holding the read skeleton still "
+            f"{ff['zero_velocity']['ade']:.4f}),")  # fmt: skip
+
+
 def card(ckpt: Path, work: Path, history: str = "", earlier: list[Path] | None = None) -> str:
     """`earlier`: the serving checkpoints of the stages before the last (WORK/run/final,
     then WORK/finetune/best, ...); none = one training stage."""
@@ -260,7 +269,7 @@ Codebook usage on held-out frames: {100 * tok["codebook_usage"]:.1f}%.
 (frames {repro["frames"][0]}-{repro["frames"][1]}), prepares them with this checkpoint's
 tokenizers (`m2 prepare --tokenizer checkpoints/m2-demo --all-to test`) and runs `m2 eval`:
 ADE {repro["report"]["coords_next"]["ade"]:.4f} (zero velocity {repro["report"]["coords_next"]["zero_velocity"]["ade"]:.4f}),
-FDE {repro["report"]["coords_next"]["fde"]:.4f} (zero velocity {repro["report"]["coords_next"]["zero_velocity"]["fde"]:.4f}),
+FDE {repro["report"]["coords_next"]["fde"]:.4f} (zero velocity {repro["report"]["coords_next"]["zero_velocity"]["fde"]:.4f}),{_from_frame(repro["report"])}
 PCK@0.05 now {repro["report"]["coords"]["pck@0.05"]:.3f}, caption names the action
 {repro["report"]["captions"]["action_accuracy"]:.3f} (from the frame alone
 {repro["report"]["captions"].get("action_accuracy_from_frame", float("nan")):.3f}), mean CE {repro["report"]["ce"]["mean"]:.3f}.
