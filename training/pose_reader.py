@@ -10,6 +10,8 @@ of each joint's visibility. The transformer is not trained on it.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,22 @@ def _batch(arrays, rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor
     return rgb, xy, seen, flag
 
 
+def shift_grid(
+    rgb: torch.Tensor, xy: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Move each frame's 16x16 token grid by (dx, dy) whole tokens ((B,) ints; the edge
+    tokens fill the gap), as if the camera had moved by that many 16-pixel cells -> the
+    moved tokens, the joints (B, 13, 2) moved with them, and which are still in the frame."""
+    B, g = rgb.shape[0], math.isqrt(rgb.shape[1])
+    cells = torch.arange(g, device=rgb.device)[None]
+    rows = (cells - dy[:, None]).clamp(0, g - 1)  # (B, g): source row of each row
+    cols = (cells - dx[:, None]).clamp(0, g - 1)
+    grid = rgb.view(B, g, g)
+    grid = grid.gather(1, rows[:, :, None].expand(B, g, g)).gather(2, cols[:, None].expand(B, g, g))
+    xy = xy + torch.stack([dx, dy], 1)[:, None].to(xy.dtype) / g
+    return grid.reshape(B, g * g), xy, ((xy >= 0) & (xy < 1)).all(-1)
+
+
 def fit(
     model: M2Model,
     train: Shards,
@@ -44,17 +62,21 @@ def fit(
     lr: float = 2e-3,
     progress: bool = True,
     flag_weight: float = 0.05,
+    shift: int = 2,
 ) -> dict[str, float]:
     """Fit `model.pose_reader` for `steps` AdamW steps -> {"train_loss" (running mean: the
     mean |error| per coordinate in frame units, plus the flags' weighted cross-entropy),
     "val_pck@0.05" (visible joints of up to 2,048 validation frames within 0.05 of the
     person's size; NaN without a val split or boxes)} and with the flag head
     "val_flag_accuracy" beside "val_flag_all_visible" (every joint marked visible). Only
-    the reader's weights change."""
+    the reader's weights change. `shift`: each training frame's token grid is moved by up to
+    that many tokens each way (`shift_grid`; 0 = off): the reader learnt each training
+    clip's look (PCK@0.05 0.93 on training frames, 0.67 on validation ones), and in a
+    1,200-step trial moving by up to 2 raised validation PCK@0.05 from 0.666 to 0.680."""
     if model.pose_reader is None:
         raise ValueError("fitting the pose reader needs model.pose_reader_levels")
-    if flag_weight < 0:
-        raise ValueError(f"flag weight must be >= 0, got {flag_weight}")
+    if flag_weight < 0 or shift < 0:
+        raise ValueError(f"flag weight and shift must be >= 0, got {flag_weight}, {shift}")
     require_arrays(train, ("tok_rgb", "coords"), "pose reader")
     rng = np.random.default_rng([seed, 0x9E4D])
     net = model.pose_reader
@@ -68,6 +90,10 @@ def fit(
         rgb, xy, seen, flag = _batch(
             arrays, rng.choice(len(train), min(batch_size, len(train))), device
         )
+        if shift:
+            dx, dy = torch.from_numpy(rng.integers(-shift, shift + 1, (2, len(rgb)))).to(device)
+            rgb, xy, inside = shift_grid(rgb, xy, dx, dy)
+            seen, flag = seen & inside, flag & inside  # out of the frame: not visible
         got, visible = net.read(rgb)
         err = (got - xy).abs().sum(-1)
         loss = (err * seen).sum() / seen.sum().clamp(min=1) / 2
@@ -121,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=128,
         summary=_summary,
         options={
+            "--shift": dict(
+                type=int, default=2, dest="shift",
+                help="move each training frame's token grid by up to this many tokens (default 2)",
+            ),
             "--flag-weight": dict(
                 type=float, default=0.05, dest="flag_weight",
                 help="weight of the visibility flags' cross-entropy beside the L1 (default 0.05)",

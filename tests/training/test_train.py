@@ -614,3 +614,19 @@ def test_pose_reader_fit_and_cli(prepared, tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         fit_main([str(ck), "--data", str(prepared), "--out", str(ck)])
+
+
+def test_pose_reader_shift_moves_tokens_and_joints_together():
+    """The reader's training augmentation moves the token grid by whole tokens, fills the gap
+    with the edge tokens, moves the joints by as many cells, and says which left the frame."""
+    from training.pose_reader import shift_grid
+
+    rgb = torch.arange(256).expand(2, 256)
+    xy = torch.tensor([[[0.5, 0.5], [0.97, 0.1]], [[0.5, 0.5], [0.1, 0.02]]])
+    moved, new_xy, inside = shift_grid(rgb, xy, torch.tensor([1, 0]), torch.tensor([0, -1]))
+    a, b = moved.view(2, 16, 16), rgb.view(2, 16, 16)
+    assert torch.equal(a[0, :, 1:], b[0, :, :-1]) and torch.equal(a[0, :, 0], b[0, :, 0])
+    assert torch.equal(a[1, :-1], b[1, 1:]) and torch.equal(a[1, -1], b[1, -1])
+    torch.testing.assert_close(new_xy[0], xy[0] + torch.tensor([1 / 16, 0.0]))
+    torch.testing.assert_close(new_xy[1], xy[1] - torch.tensor([0.0, 1 / 16]))
+    assert inside.tolist() == [[True, False], [True, False]]
