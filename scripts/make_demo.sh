@@ -6,7 +6,7 @@
 # the times of every stage): 3.2 minutes on one H100, then two 45-minute fine-tunes on a
 # 2-core CPU (configs/m2-tiny-finetune.yaml, configs/m2-tiny-finetune-context.yaml); then
 # its image context (m2 fit-image-context, ~4 minutes), its motion head (m2 fit-motion,
-# ~6 minutes), its pose reader (m2 fit-pose-reader, three passes, ~45 minutes) and the motion
+# ~6 minutes), its pose reader (m2 fit-pose-reader, four passes, ~55 minutes) and the motion
 # head again on the skeletons the reader reads (~8 minutes) were fitted. Without a GPU the first stage runs on the CPU and gives a far weaker model in an
 # hour. FINETUNE_MINUTES=0 skips both fine-tunes, CONTEXT_MINUTES=0 the third stage,
 # IMAGE_CONTEXT_STEPS=0 the image context (it needs the stages before it), MOTION_STEPS=0
@@ -88,16 +88,17 @@ POSE_READER_STEPS=${POSE_READER_STEPS:-4000}
 if [ "$POSE_READER_STEPS" != 0 ]; then  # last: the pose reader (the skeleton from the frame)
   stage "m2 fit-pose-reader (${POSE_READER_STEPS} steps)" 2 m2 fit-pose-reader "$FINAL" \
     --data "$WORK/prepared" --out "$WORK/pose_reader" --steps "$POSE_READER_STEPS"
-  # two more passes, each from the one before with a fresh schedule (the bundled one: PCK@0.05
-  # on validation frames 0.649 after the first, 0.676 after the second; its first two passes
-  # were fitted before the reader had its flag head, which the third added)
-  for k in 1 2; do
+  # three more passes, each from the one before with a fresh schedule (the bundled one:
+  # PCK@0.05 on validation frames 0.649 after the first, 0.676 after the second; its first two
+  # passes were fitted before the reader had its flag head, which the third added, and its
+  # first three before the shift augmentation, which the fourth used)
+  for k in 1 2 3; do
     prev="$WORK/pose_reader$([ "$k" = 1 ] || echo "$k")"
     stage "m2 fit-pose-reader (pass $((k + 1)), ${POSE_READER_STEPS} steps)" 2 m2 fit-pose-reader \
       "$prev" --data "$WORK/prepared" --out "$WORK/pose_reader$((k + 1))" \
       --steps "$POSE_READER_STEPS" --seed "$k"
   done
-  FINAL="$WORK/pose_reader3"
+  FINAL="$WORK/pose_reader4"
   if [ "$MOTION_STEPS" != 0 ]; then
     # last: the motion head again, from where it was, with half of each batch forecast from
     # the skeleton the pose reader reads from the frame (what /predict forecasts from)

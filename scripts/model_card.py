@@ -178,6 +178,8 @@ def card(ckpt: Path, work: Path, history: str = "", earlier: list[Path] | None =
         for k, r in enumerate(passes_r):
             out = "pose_reader" + (str(k + 1) if k else "")
             seed = f" --seed {r['seed']}" if r["seed"] else ""
+            # passes fitted before the shift augmentation existed ran without it
+            seed += "" if r.get("shift", 0) == 2 else f" --shift {r.get('shift', 0)}"
             train_cmd += (f"\nm2 fit-pose-reader data/demo/{last} --data data/demo/prepared "
                           f"--out data/demo/{out} --steps {r['steps']}{seed}")  # fmt: skip
             last = out

@@ -86,7 +86,7 @@ def main(
     log.info("%s: %d steps in %.0f s; %s", part, args.steps, seconds, summary(got))
     extra = dict(bundle.config.get("extra") or {})
     record = {"steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
-              "seconds": round(seconds, 1), "data": str(args.data), **got}  # fmt: skip
+              "seconds": round(seconds, 1), "data": str(args.data), **more, **got}  # fmt: skip
     had = any(k.startswith(part + ".") for k in bundle.model.state_dict())
     if had and part in extra:  # a further fit of a part the checkpoint had (perhaps grown)
         before = dict(extra[part])

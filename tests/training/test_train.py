@@ -583,6 +583,7 @@ def test_pose_reader_fit_and_cli(prepared, tmp_path, capsys):
     plain, fitted, out, ck = _refit_cli(prepared, tmp_path, plain, fit_main, "ck-reader", 20)
     assert fitted.model.config.pose_reader_levels == 4 and fitted.model.config.pose_reader_flags
     assert fitted.config["extra"]["pose_reader"]["steps"] == 20
+    assert fitted.config["extra"]["pose_reader"]["shift"] == 2  # the options are recorded
     again = tmp_path / "ck-reader2"  # a second pass keeps the first's record
     assert fit_main([str(out), "--data", str(prepared), "--out", str(again), "--steps", "5", "--seed", "1"]) == 0  # fmt: skip
     record = load_checkpoint(again).config["extra"]["pose_reader"]
