@@ -574,8 +574,10 @@ def test_pose_reader_fit_and_cli(prepared, tmp_path, capsys):
     assert got["val_flag_all_visible"] == pytest.approx(
         float((np.asarray(Shards(prepared, "val").arrays["coords"])[:, 2::3] == 8193).mean())
     )
-    with pytest.raises(ValueError, match="flag weight"):
+    with pytest.raises(ValueError, match="flag weight and shift"):
         fit(model, train, None, 1, flag_weight=-1.0)
+    with pytest.raises(ValueError, match="flag weight and shift"):
+        fit(model, train, None, 1, shift=-1)
     with pytest.raises(ValueError, match=r"needs model\.pose_reader_levels"):
         fit(M2Model(M2Config.from_preset("tiny", **base)), train, None, 1)
 
