@@ -258,9 +258,17 @@ def _f(x: Any) -> str:
     return "n/a" if x is None or (isinstance(x, float) and x != x) else f"{x:.3f}"
 
 
-def _pose_row(label: str, m: dict[str, Any]) -> str:
-    pck = " | ".join(_f(x) for x in m["pck@0.05"])
-    return f"| {label} | {pck} | {_f(m['ade'])} | {_f(m['fde'])} |"
+def _pose_table(rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Markdown lines: PCK@0.05 per future step, ADE and FDE, one row per (label, metrics)."""
+    steps = len(rows[0][1]["pck@0.05"])
+    head = (
+        "| method | " + " | ".join(f"PCK@0.05 t+{i + 1}" for i in range(steps)) + " | ADE | FDE |"
+    )
+    lines = [head, "|---" * (steps + 3) + "|"]
+    for label, m in rows:
+        pck = " | ".join(_f(x) for x in m["pck@0.05"])
+        lines.append(f"| {label} | {pck} | {_f(m['ade'])} | {_f(m['fde'])} |")
+    return lines
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -269,12 +277,9 @@ def markdown(r: dict[str, Any]) -> str:
              "## Cross-entropy per modality", "", "| modality | CE (all other current modalities in) | masked CE |", "|---|---|---|"]  # fmt: skip
     for k, v in r["ce"].items():
         lines.append(f"| {k} | {_f(v)} | {_f(r['masked_ce'].get(k))} |")
-    lines += ["", "## Future skeletons (`coords_next`)", "",
-              "| method | " + " | ".join(f"PCK@0.05 t+{i + 1}" for i in range(len(cn["pck@0.05"]))) + " | ADE | FDE |",
-              "|---" * (len(cn["pck@0.05"]) + 3) + "|"]  # fmt: skip
-    rows = [("M2", cn), ("zero velocity", cn["zero_velocity"]),
-            ("constant velocity", cn["constant_velocity"])]  # fmt: skip
-    lines += [_pose_row(label, m) for label, m in rows]
+    lines += ["", "## Future skeletons (`coords_next`)", ""]
+    lines += _pose_table([("M2", cn), ("zero velocity", cn["zero_velocity"]),
+                          ("constant velocity", cn["constant_velocity"])])  # fmt: skip
     t, c = r["tok_rgb_next"], r["captions"]
     lines += ["", "Given the frame and the true skeleton at t. ADE / FDE in person scales (longer side "
               "of the box at t); invisible joints excluded.", "",
@@ -284,12 +289,12 @@ def markdown(r: dict[str, Any]) -> str:
               ""]  # fmt: skip
     ff = r.get("coords_next_from_frame")
     if ff:  # reports written before this section existed lack it
-        lines += ["## Future skeletons from the frame alone (what `/predict` does)", "",
-                  "| method | " + " | ".join(f"PCK@0.05 t+{i + 1}" for i in range(len(ff["pck@0.05"]))) + " | ADE | FDE |",
-                  "|---" * (len(ff["pck@0.05"]) + 3) + "|",
-                  _pose_row("M2", ff), _pose_row("zero velocity (the skeleton M2 read)", ff["zero_velocity"]), "",
-                  "M2 reads the skeleton from the frame, then forecasts from it; errors against the true "
-                  "future skeletons.", ""]  # fmt: skip
+        lines += ["## Future skeletons from the frame alone (what `/predict` does)", ""]
+        lines += _pose_table(
+            [("M2", ff), ("zero velocity (the skeleton M2 read)", ff["zero_velocity"])]
+        )
+        lines += ["", "M2 reads the skeleton from the frame, then forecasts from it; errors against the "
+                  "true future skeletons.", ""]  # fmt: skip
     lines += [
               "## Next key frame (`tok_rgb_next`)", "", "| method | token accuracy | PSNR (dB) |", "|---|---|---|",
               f"| M2 | {_f(t['token_accuracy'])} | {_f(t.get('psnr'))} |",

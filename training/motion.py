@@ -110,18 +110,15 @@ def fit(
     data = _all(train, device)  # ~4 KB per sample: random batches then cost no disk reads
     desc = "reading the training skeletons from their frames" if progress else None
     read = _all(train, device, reader, desc=desc) if read_share > 0 else None
-    n_read = round(batch_size * read_share)
+    batch = min(batch_size, len(train))
+    n_read = round(batch * read_share)  # rows of each batch from the read skeletons
     net.train()
 
     def loss_at(step: int) -> torch.Tensor:
-        def rows(k: int) -> torch.Tensor:
-            return torch.from_numpy(rng.choice(len(train), k)).to(device)
-
-        k = min(batch_size, len(train))
-        r_true, r_read = rows(k - min(n_read, k)), rows(min(n_read, k))
-        parts = [t[r_true] for t in data]
+        rows = torch.from_numpy(rng.choice(len(train), batch)).to(device)
+        parts = [t[rows[n_read:]] for t in data]
         if read is not None:
-            parts = [torch.cat([a, b[r_read]]) for a, b in zip(parts, read, strict=True)]
+            parts = [torch.cat([a, b[rows[:n_read]]]) for a, b in zip(parts, read, strict=True)]
         return _distance(net, *parts)
 
     desc = "motion head" if progress else None
@@ -131,9 +128,7 @@ def fit(
     if val is not None and len(val):
         net.eval()
         pick = rng.choice(len(val), min(4096, len(val)), replace=False)
-        for key, who in (("val", None), ("val_read", reader)):
-            if key == "val_read" and reader is None:
-                continue
+        for key, who in [("val", None)] + ([("val_read", reader)] if reader else []):
             feats, move, seen = _batch(val, pick, device, who)
             with torch.no_grad():
                 out[f"{key}_distance"] = float(_distance(net, feats, move, seen))

@@ -21,8 +21,8 @@ from m2core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from m2core.model import M2Config, M2Model
 from training.data import Shards
 
-# (model, train, val or None, steps, seed, batch size) -> figures of the fit
-Fit = Callable[..., dict[str, float]]  # and the keywords of `options`
+# (model, train, val or None, steps, seed, batch size, **the options' values) -> figures
+Fit = Callable[..., dict[str, float]]
 
 
 def main(
@@ -75,9 +75,9 @@ def main(
     model = M2Model(M2Config.from_dict({**dataclasses.asdict(old), **fields}))
     missing, unexpected = model.load_state_dict(bundle.model.state_dict(), strict=False)
     assert not unexpected and all(k.startswith(part + ".") for k in missing), (missing, unexpected)
+    more = {kw["dest"]: getattr(args, kw["dest"]) for kw in (options or {}).values()}
     t0 = time.perf_counter()
     try:
-        more = {kw["dest"]: getattr(args, kw["dest"]) for kw in (options or {}).values()}
         got = fit(model, train, val, args.steps, args.seed, args.batch_size, **more)
     except ValueError as e:  # data the part cannot be fitted on
         print(f"{prog}: {e}", file=sys.stderr)
