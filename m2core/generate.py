@@ -17,6 +17,10 @@ as the next step's `tok_rgb` and `coords`; the caption is kept.
   most confident samples so that the masked fraction follows `cosine_schedule`. Pose
   x / y positions may only take coordinate bins and the visible positions only the two
   flag ids, so a decoded skeleton is always well formed.
+- With a next-frame head (M2Config.next_frame_levels), `tok_rgb_next` is instead that
+  head's guess from the frame and the skeleton now and at t+6 (just generated): the
+  present token unless a changed one is likely enough. It is deterministic (the
+  temperature does not apply).
 - Seeds are per sample (`seed` an int for all or one per sample), drawn from
   `torch.Generator`s on CPU, so a request's result does not depend on its batch mates'
   randomness; on CPU the same inputs + seed give the same outputs bit for bit.
@@ -369,10 +373,14 @@ def generate(
             timed("coords_next", maskgit, model, "coords_next", kv, mask, cfg, gens, table,
                   now_pose, motion)
         )  # fmt: skip
-        out_rgb.append(
-            timed("tok_rgb_next", maskgit, model, "tok_rgb_next", kv, mask, cfg, gens, table,
-                  rgb_in[0])
-        )  # fmt: skip
+        if model.next_frame is not None:  # from the frame, the skeleton now and at t+6
+            later = out_next[-1][:, (FUTURE_FRAMES - 1) * TOKENS_PER_POSE :]
+            out_rgb.append(timed("tok_rgb_next", model.next_frame_tokens, rgb_in[0], coords, later))
+        else:
+            out_rgb.append(
+                timed("tok_rgb_next", maskgit, model, "tok_rgb_next", kv, mask, cfg, gens, table,
+                      rgb_in[0])
+            )  # fmt: skip
         rgb_in = (out_rgb[-1], rgb_in[1])
         coords = out_next[-1][:, (FUTURE_FRAMES - 1) * TOKENS_PER_POSE :]
     return GenerationResult(

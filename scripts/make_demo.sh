@@ -7,10 +7,12 @@
 # 2-core CPU (configs/m2-tiny-finetune.yaml, configs/m2-tiny-finetune-context.yaml); then
 # its image context (m2 fit-image-context, ~4 minutes), its motion head (m2 fit-motion,
 # ~6 minutes), its pose reader (m2 fit-pose-reader, four passes, ~55 minutes) and the motion
-# head again on the skeletons the reader reads (~8 minutes) were fitted. Without a GPU the first stage runs on the CPU and gives a far weaker model in an
-# hour. FINETUNE_MINUTES=0 skips both fine-tunes, CONTEXT_MINUTES=0 the third stage,
-# IMAGE_CONTEXT_STEPS=0 the image context (it needs the stages before it), MOTION_STEPS=0
-# the motion head and POSE_READER_STEPS=0 the pose reader.
+# head again on the skeletons the reader reads (~8 minutes) and its next-frame head
+# (m2 fit-next-frame, ~17 minutes) were fitted. Without a GPU the first stage runs on the
+# CPU and gives a far weaker model in an hour. FINETUNE_MINUTES=0 skips both fine-tunes,
+# CONTEXT_MINUTES=0 the third stage, IMAGE_CONTEXT_STEPS=0 the image context (it needs the
+# stages before it), MOTION_STEPS=0 the motion head, POSE_READER_STEPS=0 the pose reader and
+# NEXT_FRAME_STEPS=0 the next-frame head.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-data/demo}
@@ -106,6 +108,12 @@ if [ "$POSE_READER_STEPS" != 0 ]; then  # last: the pose reader (the skeleton fr
       --data "$WORK/prepared" --out "$WORK/motion_read" --steps "$MOTION_STEPS"
     FINAL="$WORK/motion_read"
   fi
+fi
+NEXT_FRAME_STEPS=${NEXT_FRAME_STEPS:-8000}
+if [ "$NEXT_FRAME_STEPS" != 0 ]; then  # last: the next-frame head (the next key frame)
+  stage "m2 fit-next-frame (${NEXT_FRAME_STEPS} steps)" 2 m2 fit-next-frame "$FINAL" \
+    --data "$WORK/prepared" --out "$WORK/next_frame" --steps "$NEXT_FRAME_STEPS"
+  FINAL="$WORK/next_frame"
 fi
 # Half-precision storage keeps the bundle under 40 MB; loading restores fp32.
 python scripts/pack_checkpoint.py "$FINAL" "$CKPT" --dtype float16

@@ -201,12 +201,26 @@ def card(ckpt: Path, work: Path, history: str = "", earlier: list[Path] | None =
         last = "motion_read"
         gain = 1 - r["val_distance"] / r["val_zero_velocity"]
         gain_read = 1 - r["val_read_distance"] / r["val_read_zero_velocity"]
-        training += (f"\nLast, the motion head again, from where it was, with {100 * r['read_share']:.0f}% of each batch "
+        training += (f"\n{'Then' if config.get('extra', {}).get('next_frame') else 'Last,'} the motion head again, from where it was, with {100 * r['read_share']:.0f}% of each batch "
                      f"forecast from the skeleton the pose reader reads from the frame (as `/predict` does): "
                      f"{r['steps']} steps in {r['seconds'] / 60:.1f} min. On validation skeletons its forecast is "
                      f"{100 * gain:.1f}% closer than zero velocity from the true skeleton, and from the read one "
                      f"{100 * gain_read:.1f}% closer than holding it still ({r['val_read_distance']:.4f} vs "
                      f"{r['val_read_zero_velocity']:.4f} extents).")  # fmt: skip
+    nf = config.get("extra", {}).get("next_frame")
+    if nf:  # fitted last (`m2 fit-next-frame`)
+        train_cmd += (f"\nm2 fit-next-frame data/demo/{last} --data data/demo/prepared "
+                      f"--out data/demo/next_frame --steps {nf['steps']}")  # fmt: skip
+        last = "next_frame"
+        margin = ("no margin beat copying, so it copies the frame" if nf["margin"] is None
+                  else f"it changes a token where its guess beats the present one by more than {nf['margin']:g} "
+                  f"nat{'' if nf['margin'] == 1 else 's'} "
+                  "(the most accurate margin on validation frames)")  # fmt: skip
+        training += (f"\nLast, the next-frame head (the next key frame from the frame and the forecast): "
+                     f"{nf['steps']} steps of {nf['batch_size']} training frames in {nf['seconds'] / 60:.1f} min; "
+                     f"{margin}. On validation frames it then changes {100 * nf['val_changed']:.2f}% of the tokens "
+                     f"and gets {100 * nf['val_token_accuracy']:.2f}% right, against {100 * nf['val_copy_accuracy']:.2f}% "
+                     f"for copying the frame (its most likely digits everywhere: {100 * nf['val_best_digits_accuracy']:.2f}%).")  # fmt: skip
     stage = "\n".join(f"| {k} | {v / 60:.1f} min |" for k, v in times.items() if k != "machine")
     return f"""# M2 demo checkpoint (`m2-tiny`)
 

@@ -142,6 +142,11 @@ def test_eval_on_the_bundled_checkpoint_reproduces_the_model_card(tmp_path):
         want["captions"]["action_accuracy"], abs=0.05
     )
     assert report["ce"]["mean"] == pytest.approx(want["ce"]["mean"], rel=0.02)
+    nxt, wnxt = report["tok_rgb_next"], want["tok_rgb_next"]
+    assert nxt["copy_current"]["token_accuracy"] == pytest.approx(
+        wnxt["copy_current"]["token_accuracy"], rel=1e-6
+    )
+    assert nxt["token_accuracy"] == pytest.approx(wnxt["token_accuracy"], abs=2e-3)
     if "coords_next_from_frame" in want:  # the forecast as /predict makes it
         ff, wff = report["coords_next_from_frame"], want["coords_next_from_frame"]
         for key in ("ade", "fde"):

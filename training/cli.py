@@ -34,6 +34,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "training.motion",
         "fit a checkpoint's motion head (the forecast from the shape)",
     ),
+    "fit-next-frame": (
+        "training.next_frame",
+        "fit a checkpoint's next-frame head (the next key frame)",
+    ),
     "eval": ("training.evaluate", "evaluate a checkpoint against baselines"),
     "serve": ("service.cli", "serve a checkpoint over HTTP"),
     "predict": ("service.predict_cli", "predict from one frame, locally or via a server"),

@@ -572,3 +572,43 @@ def test_pose_reader_flag_head_gives_the_flags():
     assert logits.shape == (3, 13) and (logits > 0).any() and (logits < 0).any()
     assert torch.equal(read[..., 2], torch.where(logits > 0, 8193, 8192))
     assert torch.equal(read[..., :2], (xy * 8192).floor().long())
+
+
+def test_next_frame_head_keeps_the_present_token_unless_its_guess_wins_by_the_margin():
+    """The next-frame head's digits are the FSQ digits of the ids; its heat maps are zero
+    for joints not visible and peak at a joint's cell; a token changes to the most likely
+    digits only where they beat the present token's by more than the margin (fitted: none
+    until the fit, so it copies the frame). Its levels must be the image vocabulary's."""
+    from m2core.model import pose_points
+
+    with pytest.raises(ValueError, match="next_frame_levels"):
+        M2Config(**SMALL, next_frame_levels=3)  # 64 ids are not 3 ** digits
+    model = _model(next_frame_levels=8).eval()  # 64 ids = 8 ** 2
+    head = model.next_frame
+    rgb = torch.randint(0, 64, (3, 256))
+    digits = head.digits_of(rgb)
+    assert digits.shape == (3, 2, 256) and torch.equal((digits * head.place[:, None]).sum(1), rgb)
+    torch.testing.assert_close(head.codes[rgb], (digits.transpose(1, 2) - 4) / 4.0)
+    coords = torch.randint(0, 8192, (3, 13, 3))
+    coords[..., 2] = 8193
+    coords[0, 5, 2] = 8192  # not visible
+    coords[1, 2, :2] = torch.tensor([8192 * 3 // 16 + 1, 8192 * 10 // 16 + 1])  # cell (3, 10)
+    xy, visible = pose_points(coords.flatten(1))
+    assert not visible[0, 5] and visible.sum() == 3 * 13 - 1
+    heat = head.heat(xy, visible)
+    assert heat[0, 5].abs().max() == 0 and int(heat[1, 2].argmax()) == 10 * 16 + 3
+    later = coords.clone()
+    later[..., :2] = (later[..., :2] + 300).clamp(max=8191)
+    with torch.no_grad():
+        head.copy_gain.fill_(0.0)  # untrained guesses then differ from the present token
+        lp = head.log_probs(rgb, xy, visible, *pose_points(later.flatten(1)))
+        assert lp.shape == (3, 2, 8, 256)
+        torch.testing.assert_close(lp.exp().sum(2), torch.ones(3, 2, 256))
+        assert torch.equal(model.next_frame_tokens(rgb, coords.flatten(1), later.flatten(1)), rgb)
+        best = (lp.argmax(2) * head.place[:, None]).sum(1)
+        assert torch.equal(head.decide(lp, rgb, -float("inf")), best)
+        gain = lp.max(2).values.sum(1) - lp.gather(2, digits[:, :, None]).squeeze(2).sum(1)
+        m = float(gain[best != rgb].median())  # half the changed guesses win by more
+        got = head.decide(lp, rgb, m)
+        assert torch.equal(got, torch.where(gain > m, best, rgb))
+        assert 0 < int((got != rgb).sum()) < int((best != rgb).sum())

@@ -619,6 +619,105 @@ def test_pose_reader_fit_and_cli(prepared, tmp_path, capsys):
         fit_main([str(ck), "--data", str(prepared), "--out", str(ck)])
 
 
+def test_next_frame_fit_and_cli(prepared, tmp_path, capsys):
+    """The next-frame head's fit changes only its own weights (and margin), lowers the
+    cross-entropy of the next key frame's digits, and reports validation figures that
+    `predict` reproduces: copying everything unless a margin beats copying; `m2
+    fit-next-frame` writes a checkpoint whose transformer weights are the input's and whose
+    generation takes the head's next key frame from the skeleton now and at t+6; bad input
+    is refused."""
+    from m2core.checkpoint import load_checkpoint
+    from m2core.generate import GenerationConfig, generate
+    from m2core.model import M2Config, M2Model, pose_points
+    from training.data import Shards, load_meta
+    from training.next_frame import MARGINS, _inputs, fit, forecast
+    from training.next_frame import main as fit_main
+
+    meta = load_meta(prepared)
+    small = {"dim": 32, "heads": 2, "enc_layers": 1, "dec_layers": 1}
+    base = dict(**small, image_vocab=meta["image_vocab"], text_vocab=meta["text_vocab"],
+                caption_len=meta["caption_len"])  # fmt: skip
+    torch.manual_seed(0)
+    model = M2Model(M2Config.from_preset("tiny", **base, next_frame_levels=4, motion_width=32))
+    train, val = Shards(prepared, "train"), Shards(prepared, "val")
+    rows = np.arange(len(train))
+    *given, nxt = _inputs(model, train.arrays, rows, torch.device("cpu"))
+
+    def ce() -> float:
+        with torch.no_grad():
+            lp = model.next_frame.log_probs(*given)
+            return float(-lp.gather(2, model.next_frame.digits_of(nxt)[:, :, None]).mean())
+
+    before = ce()
+    got = _fit_changes_only(
+        model, "next_frame", lambda: fit(model, train, val, 300, progress=False)
+    )
+    assert ce() < 0.8 * before
+    rgb_v, *joints_v, nxt_v = _inputs(model, val.arrays, np.arange(len(val)), torch.device("cpu"))
+    copy = float((rgb_v == nxt_v).float().mean())
+    assert got["val_copy_accuracy"] == pytest.approx(copy)
+    with torch.no_grad():
+        pred = model.next_frame.predict(rgb_v, *joints_v)
+    assert got["val_token_accuracy"] == pytest.approx(float((pred == nxt_v).float().mean()))
+    assert got["val_changed"] == pytest.approx(float((pred != rgb_v).float().mean()))
+    if got["margin"] is None:  # no margin beat copying: the head copies the frame
+        assert torch.equal(pred, rgb_v) and float(model.next_frame.margin) == float("inf")
+    else:
+        assert got["margin"] in MARGINS and got["val_token_accuracy"] > copy
+    assert 0 <= got["val_best_digits_accuracy"] <= 1
+    got = fit(model, train, val, 1, margin=0.5, progress=False)
+    assert got["margin"] == 0.5 and float(model.next_frame.margin) == 0.5
+    # the forecast skeleton is the motion head's t+6, flags kept; the present without one
+    coords = torch.from_numpy(np.asarray(train.arrays["coords"][:4], np.int64))
+    later = forecast(model, coords).view(4, 13, 3)
+    assert torch.equal(later[..., 2], coords.view(4, 13, 3)[..., 2])
+    with torch.no_grad():
+        move = model.motion_bins(coords, torch.arange(39).expand(4, 39), torch.ones_like(coords, dtype=torch.bool))  # fmt: skip
+    step = move.view(4, 6, 13, 3)[:, -1, :, :2].round().long()
+    placed = (coords.view(4, 13, 3)[..., :2] < 8192).all(-1)
+    assert torch.equal(later[..., :2][placed], (coords.view(4, 13, 3)[..., :2] + step).clamp(0, 8191)[placed])  # fmt: skip
+    plain_model = M2Model(M2Config.from_preset("tiny", **base))
+    assert torch.equal(forecast(plain_model, coords), coords)
+    with pytest.raises(ValueError, match="margin must be >= 0"):
+        fit(model, train, None, 1, margin=-1.0)
+    with pytest.raises(ValueError, match=r"needs model\.next_frame_levels"):
+        fit(plain_model, train, None, 1)
+
+    plain = M2Model(M2Config.from_preset("tiny", **base, motion_width=32)).eval()
+    plain, fitted, out, ck = _refit_cli(prepared, tmp_path, plain, fit_main, "ck-next", 30)
+    assert fitted.model.config.next_frame_levels == 4
+    record = fitted.config["extra"]["next_frame"]
+    assert record["steps"] == 30 and "margin" in record
+    # generation: the head's frame from the frame, the skeleton now and the forecast's t+6
+    shards = Shards(prepared, "val")
+    rgb = torch.from_numpy(np.asarray(shards.arrays["tok_rgb"][:4], np.int64))
+    coords = torch.from_numpy(np.asarray(shards.arrays["coords"][:4], np.int64))
+    cfg = GenerationConfig(temperature=0.0, maskgit_steps=2, steps=2)
+    res = generate(fitted.model, {"tok_rgb": rgb, "coords": coords}, cfg)
+    head = fitted.model.next_frame
+    t6 = lambda r, k: pose_points(r.coords_next[:, k, -39:])  # noqa: E731  (the skeleton at t+6)
+    with torch.no_grad():
+        head.margin.fill_(0.0)
+        head.copy_gain.fill_(-5.0)  # a head whose guesses differ from the present frame
+        first = head.predict(rgb, *pose_points(coords), *t6(res, 0))
+        res0 = generate(fitted.model, {"tok_rgb": rgb, "coords": coords}, cfg)
+        second = head.predict(first, *t6(res0, 0), *t6(res0, 1))
+    assert torch.equal(res0.tok_rgb_next[:, 0], first)
+    assert torch.equal(res0.tok_rgb_next[:, 1], second)  # the roll-out feeds it back
+    assert not torch.equal(first, rgb)
+    assert torch.equal(res0.coords_next[:, 0], res.coords_next[:, 0])  # not made from it
+    assert fit_main([str(ck), "--data", str(prepared), "--out", str(tmp_path / "m"), "--steps", "2", "--margin", "0.25"]) == 0  # fmt: skip
+    assert load_checkpoint(tmp_path / "m").config["extra"]["next_frame"]["margin"] == 0.25
+    assert float(load_checkpoint(tmp_path / "m").model.next_frame.margin) == 0.25
+
+    assert fit_main([str(ck), "--data", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert fit_main([str(ck), "--data", str(prepared), "--out", str(tmp_path / "n"), "--margin", "-1"]) == 2  # fmt: skip
+    assert "margin must be >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        fit_main([str(ck), "--data", str(prepared), "--out", str(ck)])
+
+
 def test_pose_reader_shift_moves_tokens_and_joints_together():
     """The reader's training augmentation moves the token grid by whole tokens, fills the gap
     with the edge tokens, moves the joints by as many cells, and says which left the frame."""
