@@ -179,8 +179,12 @@ class M2Predictor:
         """Header only: the format and size are checked before any pixel is decoded."""
         try:
             fmt, _, _, n_frames = probe_image(data, max_pixels=self.settings.max_pixels)
-        except NotAnImage as e:
-            raise ServiceError(415, "not_an_image", str(e), "frame") from None
+        except NotAnImage:  # name the formats this service takes, not all Pillow reads
+            raise ServiceError(
+                415, "not_an_image",
+                f"upload is not an image; send one of {', '.join(self.settings.allowed_formats)}",
+                "frame",
+            ) from None  # fmt: skip
         except ImageTooLarge as e:
             raise ServiceError(413, "image_too_large", str(e), "frame") from None
         except (CorruptImage, ImageError) as e:

@@ -125,6 +125,12 @@ def test_unusual_but_valid_images_are_predicted(client, case, data, ctype):
     assert len(r.json()["coords"]) == NUM_JOINTS
 
 
+def test_not_an_image_names_the_formats_the_service_takes(client):
+    r = client.post("/predict", files={"frame": ("a.png", b"not a picture\n" * 20, "image/png")})
+    message = assert_error(r, 415, "not_an_image", "frame")["message"]
+    assert "PNG, JPEG, WEBP, BMP" in message and "TIFF" not in message
+
+
 def test_decompression_bomb_is_refused_from_its_header(client):
     bomb = png_bomb()
     assert len(bomb) < 100_000  # 20000 x 20000 pixels in well under 100 KB
