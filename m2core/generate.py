@@ -19,8 +19,8 @@ as the next step's `tok_rgb` and `coords`; the caption is kept.
   flag ids, so a decoded skeleton is always well formed.
 - With a next-frame head (M2Config.next_frame_levels), `tok_rgb_next` is instead that
   head's guess from the frame and the skeleton now and at t+6 (just generated): the
-  present token unless a changed one is likely enough. It is deterministic (the
-  temperature does not apply).
+  present token unless a changed one is likely enough, by a margin of its own where the
+  skeleton was read from the frame. It is deterministic (the temperature does not apply).
 - Seeds are per sample (`seed` an int for all or one per sample), drawn from
   `torch.Generator`s on CPU, so a request's result does not depend on its batch mates'
   randomness; on CPU the same inputs + seed give the same outputs bit for bit.
@@ -375,7 +375,9 @@ def generate(
         )  # fmt: skip
         if model.next_frame is not None:  # from the frame, the skeleton now and at t+6
             later = out_next[-1][:, (FUTURE_FRAMES - 1) * TOKENS_PER_POSE :]
-            out_rgb.append(timed("tok_rgb_next", model.next_frame_tokens, rgb_in[0], coords, later))
+            out_rgb.append(
+                timed("tok_rgb_next", model.next_frame_tokens, rgb_in[0], coords, later, ~has_coords)
+            )  # fmt: skip
         else:
             out_rgb.append(
                 timed("tok_rgb_next", maskgit, model, "tok_rgb_next", kv, mask, cfg, gens, table,

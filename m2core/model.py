@@ -592,10 +592,17 @@ class M2Model(nn.Module):
             out[..., 2] = torch.where(visible > 0, POSE_BINS + 1, POSE_BINS)
         return out.view_as(coords)
 
-    def next_frame_tokens(self, rgb: Tensor, now: Tensor, later: Tensor) -> Tensor:
+    def next_frame_tokens(
+        self, rgb: Tensor, now: Tensor, later: Tensor, read: Tensor | None = None
+    ) -> Tensor:
         """(B, 256) frame tokens, (B, 39) pose ids now and at t+6 -> (B, 256) the next key
-        frame's tokens from the next-frame head (`NextFrameHead.predict`)."""
-        return self.next_frame.predict(rgb, *pose_points(now), *pose_points(later))
+        frame's tokens from the next-frame head (`NextFrameHead.predict`). `read` (B,): the
+        samples whose skeleton was read from the frame (they get its `margin_read`)."""
+        head = self.next_frame
+        margin = head.margin.expand(len(rgb), 1)
+        if read is not None:
+            margin = torch.where(read[:, None], head.margin_read, margin)
+        return head.predict(rgb, *pose_points(now), *pose_points(later), margin)
 
     def skeleton_hidden(
         self, ids: Tensor, mod: Tensor, pos: Tensor, valid: Tensor
@@ -978,8 +985,9 @@ class NextFrameHead(nn.Module):
     give logits over each code digit's levels at every grid cell, plus a learned bonus on
     the present token's digit. A token's log-probability is the sum of its digits'. The
     prediction is each digit's most likely level, kept only where its log-probability beats
-    the present token's by more than `margin` (a buffer the fit sets from validation
-    frames); elsewhere the present token. Copying is hard to beat: 87% of the demo's tokens
+    the present token's by more than a margin (buffers the fit sets from validation frames:
+    `margin` for a skeleton that was given, `margin_read` for one read from the frame, which
+    is rougher); elsewhere the present token. Copying is hard to beat: 87% of the demo's tokens
     are the same six frames on, and a changed token is rarely predicted exactly."""
 
     WIDTH = 128
@@ -1004,6 +1012,7 @@ class NextFrameHead(nn.Module):
         )  # fmt: skip
         self.copy_gain = nn.Parameter(torch.tensor(2.0))
         self.register_buffer("margin", torch.tensor(float("inf")))  # set by the fit
+        self.register_buffer("margin_read", torch.tensor(float("inf")))
 
     def reset_parameters(self) -> None:
         """PyTorch's default initialisation (the transformer's 0.02 normal stalls a conv net)."""
@@ -1013,6 +1022,7 @@ class NextFrameHead(nn.Module):
         with torch.no_grad():
             self.copy_gain.fill_(2.0)
             self.margin.fill_(float("inf"))
+            self.margin_read.fill_(float("inf"))
 
     def digits_of(self, ids: Tensor) -> Tensor:
         """(B, N) token ids -> (B, digits, N) each code digit's level."""
@@ -1045,14 +1055,14 @@ class NextFrameHead(nn.Module):
         later_visible: Tensor,
         margin: Tensor | float | None = None,
     ) -> Tensor:
-        """-> (B, G*G) the next key frame's token ids (see the class; `margin`: in place of
-        the fitted one)."""
+        """-> (B, G*G) the next key frame's token ids (see the class; `margin`: a number or
+        (B, 1) per sample, in place of the fitted `margin`)."""
         lp = self.log_probs(ids, xy, visible, later, later_visible)
         return self.decide(lp, ids, self.margin if margin is None else margin)
 
     def decide(self, lp: Tensor, ids: Tensor, margin: Tensor | float) -> Tensor:
         """`log_probs` -> token ids: the best digits where they beat the present token by
-        more than `margin` nats, else the present token."""
+        more than `margin` nats (a number or (B, 1) per sample), else the present token."""
         best, digits = lp.max(2)  # (B, digits, N)
         present = lp.gather(2, self.digits_of(ids)[:, :, None]).squeeze(2)
         guess = (digits * self.place[:, None]).sum(1)

@@ -216,11 +216,23 @@ def card(ckpt: Path, work: Path, history: str = "", earlier: list[Path] | None =
                   else f"it changes a token where its guess beats the present one by more than {nf['margin']:g} "
                   f"nat{'' if nf['margin'] == 1 else 's'} "
                   "(the most accurate margin on validation frames)")  # fmt: skip
+        share = (
+            f" ({100 * nf['read_share']:.0f}% of each batch with the skeleton the pose reader reads)"
+            if nf.get("read_share")
+            else ""
+        )
         training += (f"\nLast, the next-frame head (the next key frame from the frame and the forecast): "
-                     f"{nf['steps']} steps of {nf['batch_size']} training frames in {nf['seconds'] / 60:.1f} min; "
+                     f"{nf['steps']} steps of {nf['batch_size']} training frames{share} in {nf['seconds'] / 60:.1f} min; "
                      f"{margin}. On validation frames it then changes {100 * nf['val_changed']:.2f}% of the tokens "
                      f"and gets {100 * nf['val_token_accuracy']:.2f}% right, against {100 * nf['val_copy_accuracy']:.2f}% "
                      f"for copying the frame (its most likely digits everywhere: {100 * nf['val_best_digits_accuracy']:.2f}%).")  # fmt: skip
+        if "val_read_token_accuracy" in nf:  # its own margin for a skeleton read from the frame
+            read = ("no margin beats copying, so it copies the frame" if nf["margin_read"] is None
+                    else f"at its own margin of {nf['margin_read']:g} nat{'' if nf['margin_read'] == 1 else 's'} it changes "
+                    f"{100 * nf['val_read_changed']:.2f}% of the tokens")  # fmt: skip
+            training += (f" From the skeleton the pose reader reads (as `/predict` has it), {read}: "
+                         f"{100 * nf['val_read_token_accuracy']:.2f}% right, against {100 * nf['val_read_copy_accuracy']:.2f}% "
+                         "for copying.")  # fmt: skip
     stage = "\n".join(f"| {k} | {v / 60:.1f} min |" for k, v in times.items() if k != "machine")
     return f"""# M2 demo checkpoint (`m2-tiny`)
 

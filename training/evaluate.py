@@ -14,7 +14,8 @@ Protocols (all on a fixed, seeded subset of the split):
 - `coords`: generated from the frame alone. `coords_next`, `tok_rgb_next`: generated from
   the frame and the true skeleton at t (the same information the baselines get).
   `coords_next_from_frame`: the future generated from the frame alone, as `/predict` does
-  (the model reads the skeleton first), beside holding that read skeleton still.
+  (the model reads the skeleton first), beside holding that read skeleton still, and the
+  next key frame made alongside it (`tok_rgb_next.from_frame`).
   `captions`: teacher-forced token accuracy; BLEU and "names the action" on captions
   generated from the frame and the true skeleton. Generation is greedy (temperature 0).
 """
@@ -131,7 +132,7 @@ def evaluate(
     mdata = MaskedDataset(shards, lambda s, g: mask_sample(s, mcfg, g), seed + 1)
     gen_cfg = GenerationConfig(maskgit_steps=maskgit_steps, temperature=0.0, seed=seed)
     pred_now, pred_next, pred_rgb, captions, frame_captions = [], [], [], [], []
-    frame_next = []
+    frame_next, frame_rgb = [], []
     with torch.no_grad():
         for i in tqdm(range(0, len(rows), batch_size), desc="eval", unit="batch"):
             r = rows[i : i + batch_size]
@@ -149,6 +150,7 @@ def evaluate(
             b = generate(model, {"tok_rgb": full["tok_rgb"], "coords": full["coords"]}, gen_cfg)
             pred_now.append(a.coords.numpy())
             frame_next.append(a.coords_next[:, 0].numpy())
+            frame_rgb.append(a.tok_rgb_next[:, 0].numpy())
             pred_next.append(b.coords_next[:, 0].numpy())
             pred_rgb.append(b.tok_rgb_next[:, 0].numpy())
             captions += b.captions
@@ -179,7 +181,9 @@ def evaluate(
             **M.forecast_metrics(pose.decode_future(np.concatenate(frame_next), strict=False), gt_next, scale),
             "zero_velocity": M.forecast_metrics(M.zero_velocity(p_now, 6), gt_next, scale)},
     }  # fmt: skip
-    report["tok_rgb_next"] = _image_metrics(bundle, np.concatenate(pred_rgb), A, rows, batch_size)
+    report["tok_rgb_next"] = _image_metrics(
+        bundle, np.concatenate(pred_rgb), A, rows, batch_size, np.concatenate(frame_rgb)
+    )
     report["captions"] = _caption_metrics(text_tok, captions, A, rows, meta, ce_sum["captions"])
     if text_tok is not None and meta.get("actions"):  # what /predict does: the frame alone
         report["captions"]["action_accuracy_from_frame"] = float(np.mean([
@@ -197,10 +201,15 @@ def evaluate(
     return report
 
 
-def _image_metrics(bundle, pred: np.ndarray, A, rows, batch: int) -> dict[str, Any]:
+def _image_metrics(
+    bundle, pred: np.ndarray, A, rows, batch: int, from_frame: np.ndarray
+) -> dict[str, Any]:
+    """Token accuracy and PSNR of the next key frame given the true skeleton (`pred`), from
+    the frame alone (`from_frame`, what /predict makes) and of copying the present frame."""
     truth = np.asarray(A["tok_rgb_next"][rows], np.int64)
     now = np.asarray(A["tok_rgb"][rows], np.int64)
     res: dict[str, Any] = {"token_accuracy": M.token_accuracy(pred, truth),
+                           "from_frame": {"token_accuracy": M.token_accuracy(from_frame, truth)},
                            "copy_current": {"token_accuracy": M.token_accuracy(now, truth)}}  # fmt: skip
     tok = bundle.image_tokenizer
     if tok is not None:
@@ -217,6 +226,7 @@ def _image_metrics(bundle, pred: np.ndarray, A, rows, batch: int) -> dict[str, A
         ref = dec(truth)
         res["psnr"] = float(psnr(dec(pred), ref).mean())
         res["copy_current"]["psnr"] = float(psnr(dec(now), ref).mean())
+        res["from_frame"]["psnr"] = float(psnr(dec(from_frame), ref).mean())
         res["psnr_reference"] = "decoded ground-truth tokens of frame t+S"
     return res
 
@@ -254,8 +264,8 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _f(x: Any) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and x != x) else f"{x:.3f}"
+def _f(x: Any, digits: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and x != x) else f"{x:.{digits}f}"
 
 
 def _pose_table(rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
@@ -297,8 +307,10 @@ def markdown(r: dict[str, Any]) -> str:
                   "true future skeletons.", ""]  # fmt: skip
     lines += [
               "## Next key frame (`tok_rgb_next`)", "", "| method | token accuracy | PSNR (dB) |", "|---|---|---|",
-              f"| M2 | {_f(t['token_accuracy'])} | {_f(t.get('psnr'))} |",
-              f"| copy current frame | {_f(t['copy_current']['token_accuracy'])} | {_f(t['copy_current'].get('psnr'))} |",
+              f"| M2 | {_f(t['token_accuracy'], 4)} | {_f(t.get('psnr'))} |",
+              *([f"| M2 from the frame alone (what `/predict` does) | {_f(t['from_frame']['token_accuracy'], 4)} | "
+                 f"{_f(t['from_frame'].get('psnr'))} |"] if "from_frame" in t else []),
+              f"| copy current frame | {_f(t['copy_current']['token_accuracy'], 4)} | {_f(t['copy_current'].get('psnr'))} |",
               "", "## Captions", "", "| token accuracy (teacher-forced) | names the action | names it from the frame alone | BLEU-4 |", "|---|---|---|---|",
               f"| {_f(c['token_accuracy'])} | {_f(c.get('action_accuracy'))} | {_f(c.get('action_accuracy_from_frame'))} | {_f(c.get('bleu'))} |", "",
               "Names the action: the caption made from the frame and the true skeleton. From the frame alone: "

@@ -578,7 +578,8 @@ def test_next_frame_head_keeps_the_present_token_unless_its_guess_wins_by_the_ma
     """The next-frame head's digits are the FSQ digits of the ids; its heat maps are zero
     for joints not visible and peak at a joint's cell; a token changes to the most likely
     digits only where they beat the present token's by more than the margin (fitted: none
-    until the fit, so it copies the frame). Its levels must be the image vocabulary's."""
+    until the fit, so it copies the frame), and samples whose skeleton was read from the
+    frame get their own margin. Its levels must be the image vocabulary's."""
     from m2core.model import pose_points
 
     with pytest.raises(ValueError, match="next_frame_levels"):
@@ -612,3 +613,7 @@ def test_next_frame_head_keeps_the_present_token_unless_its_guess_wins_by_the_ma
         got = head.decide(lp, rgb, m)
         assert torch.equal(got, torch.where(gain > m, best, rgb))
         assert 0 < int((got != rgb).sum()) < int((best != rgb).sum())
+        head.margin.fill_(-float("inf"))  # a given skeleton: always the best digits
+        read = torch.tensor([True, False, True])  # a read skeleton: margin_read (unfitted: inf)
+        both = model.next_frame_tokens(rgb, coords.flatten(1), later.flatten(1), read)
+        assert torch.equal(both[read], rgb[read]) and torch.equal(both[~read], best[~read])

@@ -152,6 +152,9 @@ def test_report_has_the_designed_keys_and_honest_baselines(trained, tmp_path):
     still = M.forecast_metrics(M.zero_velocity(read, 6), truth, scale)
     assert ff["zero_velocity"]["ade"] == pytest.approx(still["ade"])
     assert "what `/predict` does" in (tmp_path / "report.md").read_text()
+    assert saved["tok_rgb_next"]["from_frame"]["token_accuracy"] == pytest.approx(
+        (g.tok_rgb_next[:, 0].numpy() == nxt).mean()
+    )
     now_truth = pose.decode(np.load(data / "val" / "coords.npy").astype(np.int64))
     flags_right = ((read[..., 2] > 0.5) == (now_truth[..., 2] > 0.5)).mean()
     assert saved["coords"]["flag_accuracy"] == pytest.approx(flags_right)

@@ -638,7 +638,10 @@ def test_next_frame_fit_and_cli(prepared, tmp_path, capsys):
     base = dict(**small, image_vocab=meta["image_vocab"], text_vocab=meta["text_vocab"],
                 caption_len=meta["caption_len"])  # fmt: skip
     torch.manual_seed(0)
-    model = M2Model(M2Config.from_preset("tiny", **base, next_frame_levels=4, motion_width=32))
+    reader = {"pose_reader_levels": 4, "pose_reader_flags": True}
+    model = M2Model(
+        M2Config.from_preset("tiny", **base, next_frame_levels=4, motion_width=32, **reader)
+    )
     train, val = Shards(prepared, "train"), Shards(prepared, "val")
     rows = np.arange(len(train))
     *given, nxt = _inputs(model, train.arrays, rows, torch.device("cpu"))
@@ -653,20 +656,25 @@ def test_next_frame_fit_and_cli(prepared, tmp_path, capsys):
         model, "next_frame", lambda: fit(model, train, val, 300, progress=False)
     )
     assert ce() < 0.8 * before
-    rgb_v, *joints_v, nxt_v = _inputs(model, val.arrays, np.arange(len(val)), torch.device("cpu"))
-    copy = float((rgb_v == nxt_v).float().mean())
-    assert got["val_copy_accuracy"] == pytest.approx(copy)
-    with torch.no_grad():
-        pred = model.next_frame.predict(rgb_v, *joints_v)
-    assert got["val_token_accuracy"] == pytest.approx(float((pred == nxt_v).float().mean()))
-    assert got["val_changed"] == pytest.approx(float((pred != rgb_v).float().mean()))
-    if got["margin"] is None:  # no margin beat copying: the head copies the frame
-        assert torch.equal(pred, rgb_v) and float(model.next_frame.margin) == float("inf")
-    else:
-        assert got["margin"] in MARGINS and got["val_token_accuracy"] > copy
-    assert 0 <= got["val_best_digits_accuracy"] <= 1
-    got = fit(model, train, val, 1, margin=0.5, progress=False)
-    assert got["margin"] == 0.5 and float(model.next_frame.margin) == 0.5
+    assert got["read_share"] == 0.5  # the default with a pose reader
+    head = model.next_frame
+    for key, read in (("val", False), ("val_read", True)):  # a margin each, picked alone
+        margin = "margin_read" if read else "margin"
+        rgb_v, *joints_v, nxt_v = _inputs(model, val.arrays, np.arange(len(val)), torch.device("cpu"), read)  # fmt: skip
+        copy = float((rgb_v == nxt_v).float().mean())
+        assert got[f"{key}_copy_accuracy"] == pytest.approx(copy)
+        with torch.no_grad():
+            pred = head.predict(rgb_v, *joints_v, getattr(head, margin))
+        assert got[f"{key}_token_accuracy"] == pytest.approx(float((pred == nxt_v).float().mean()))
+        assert got[f"{key}_changed"] == pytest.approx(float((pred != rgb_v).float().mean()))
+        if got[margin] is None:  # no margin beat copying: the head copies the frame
+            assert torch.equal(pred, rgb_v) and float(getattr(head, margin)) == float("inf")
+        else:
+            assert got[margin] in MARGINS and got[f"{key}_token_accuracy"] > copy
+        assert 0 <= got[f"{key}_best_digits_accuracy"] <= 1
+    got = fit(model, train, val, 1, margin=0.5, read_share=0.0, progress=False)
+    assert got["margin"] == got["margin_read"] == 0.5 and got["read_share"] == 0
+    assert float(head.margin) == float(head.margin_read) == 0.5
     # the forecast skeleton is the motion head's t+6, flags kept; the present without one
     coords = torch.from_numpy(np.asarray(train.arrays["coords"][:4], np.int64))
     later = forecast(model, coords).view(4, 13, 3)
@@ -680,10 +688,16 @@ def test_next_frame_fit_and_cli(prepared, tmp_path, capsys):
     assert torch.equal(forecast(plain_model, coords), coords)
     with pytest.raises(ValueError, match="margin must be >= 0"):
         fit(model, train, None, 1, margin=-1.0)
+    with pytest.raises(ValueError, match=r"read share must be in \[0, 1\]"):
+        fit(model, train, None, 1, read_share=1.5)
+    no_reader = M2Model(M2Config.from_preset("tiny", **base, next_frame_levels=4))
+    with pytest.raises(ValueError, match="needs a pose reader"):
+        fit(no_reader, train, None, 1, read_share=0.5)
+    assert "margin_read" not in fit(no_reader, train, val, 1, progress=False)
     with pytest.raises(ValueError, match=r"needs model\.next_frame_levels"):
         fit(plain_model, train, None, 1)
 
-    plain = M2Model(M2Config.from_preset("tiny", **base, motion_width=32)).eval()
+    plain = M2Model(M2Config.from_preset("tiny", **base, motion_width=32, **reader)).eval()
     plain, fitted, out, ck = _refit_cli(prepared, tmp_path, plain, fit_main, "ck-next", 30)
     assert fitted.model.config.next_frame_levels == 4
     record = fitted.config["extra"]["next_frame"]
@@ -706,6 +720,14 @@ def test_next_frame_fit_and_cli(prepared, tmp_path, capsys):
     assert torch.equal(res0.tok_rgb_next[:, 1], second)  # the roll-out feeds it back
     assert not torch.equal(first, rgb)
     assert torch.equal(res0.coords_next[:, 0], res.coords_next[:, 0])  # not made from it
+    with torch.no_grad():  # a skeleton read from the frame gets the head's margin_read
+        head.margin_read.fill_(float("inf"))
+        alone = generate(fitted.model, {"tok_rgb": rgb}, cfg)
+        head.margin_read.fill_(0.0)
+        alone0 = generate(fitted.model, {"tok_rgb": rgb}, cfg)
+        read0 = head.predict(rgb, *pose_points(alone0.coords), *t6(alone0, 0), 0.0)
+    assert torch.equal(alone.tok_rgb_next[:, 0], rgb)
+    assert torch.equal(alone0.tok_rgb_next[:, 0], read0) and not torch.equal(read0, rgb)
     assert fit_main([str(ck), "--data", str(prepared), "--out", str(tmp_path / "m"), "--steps", "2", "--margin", "0.25"]) == 0  # fmt: skip
     assert load_checkpoint(tmp_path / "m").config["extra"]["next_frame"]["margin"] == 0.25
     assert float(load_checkpoint(tmp_path / "m").model.next_frame.margin) == 0.25
