@@ -95,22 +95,25 @@ def fit(
     return out
 
 
-def image_levels(image_tokenizer) -> int:
-    """The FSQ levels per code digit of an image tokenizer (all digits must share them)."""
-    levels = set(image_tokenizer.config.levels)
+def image_levels(bundle) -> int:
+    """The FSQ levels per code digit of a checkpoint's image tokenizer, which the parts that
+    read code values (image context, pose reader, next-frame head) take; ValueError without
+    a tokenizer, or when its digits have different level counts."""
+    if bundle.image_tokenizer is None:
+        raise ValueError("the checkpoint has no image tokenizer inside")
+    levels = set(bundle.image_tokenizer.config.levels)
     if len(levels) != 1:
         raise ValueError(
-            f"the image context needs one FSQ level count for every digit, got {image_tokenizer.config.levels}"
+            f"reading FSQ code values needs one level count for every digit, got {bundle.image_tokenizer.config.levels}"
         )
     return levels.pop()
 
 
 def _option(bundle) -> dict:
-    if bundle.image_tokenizer is None:
-        raise ValueError("the checkpoint has no image tokenizer inside")
+    levels = image_levels(bundle)
     if not bundle.model.config.action_classes:
         raise ValueError("the checkpoint's model has no action head (action_classes)")
-    return {"image_context_levels": image_levels(bundle.image_tokenizer)}
+    return {"image_context_levels": levels}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from m2core.modalities import FUTURE_FRAMES, NUM_JOINTS, POSE_BINS
 from m2core.model import M2Model, skeleton_features
 from training.data import Shards
-from training.pose_context import fit_alone, require_arrays
+from training.pose_context import fit_alone, read_share_or_default, require_arrays
 
 
 def _batch(
@@ -95,12 +95,7 @@ def fit(
     if model.motion is None:
         raise ValueError("fitting the motion head needs model.motion_width")
     reader = model if model.pose_reader is not None else None
-    if read_share is None:
-        read_share = 0.5 if reader is not None else 0.0
-    if not 0.0 <= read_share <= 1.0:
-        raise ValueError(f"read share must be in [0, 1], got {read_share}")
-    if read_share > 0 and reader is None:
-        raise ValueError("a read share above 0 needs a pose reader (m2 fit-pose-reader first)")
+    read_share = read_share_or_default(read_share, reader is not None)
     require_arrays(train, ("coords", "coords_next", "tok_rgb"), "motion head")
     rng = np.random.default_rng([seed, 0x307])
     net = model.motion
@@ -160,13 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         steps=(12000, "AdamW steps (default 12000: ~5 min on 2 CPU cores)"),
         batch_size=256,
         summary=_summary,
-        options={
-            "--read-share": dict(
-                type=float, default=None, dest="read_share",
-                help="share of each batch forecast from the skeleton the pose reader reads from "
-                "the frame (default 0.5 with a pose reader, else 0)",
-            )
-        },
+        options=refit.READ_SHARE_OPTION,
     )  # fmt: skip
 
 

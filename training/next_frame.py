@@ -28,7 +28,7 @@ import torch
 from m2core.modalities import FUTURE_FRAMES, NUM_JOINTS, POSE_BINS
 from m2core.model import M2Model, pose_points
 from training.data import Shards
-from training.pose_context import fit_alone, require_arrays
+from training.pose_context import fit_alone, read_share_or_default, require_arrays
 
 MARGINS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)  # nats, tried on validation frames
 DEFAULT_MARGIN = 1.0  # without a val split (the demo's choice)
@@ -115,12 +115,7 @@ def fit(
     if margin is not None and not (margin >= 0):
         raise ValueError(f"margin must be >= 0, got {margin}")
     reader = model.pose_reader is not None
-    if read_share is None:
-        read_share = 0.5 if reader else 0.0
-    if not 0.0 <= read_share <= 1.0:
-        raise ValueError(f"read share must be in [0, 1], got {read_share}")
-    if read_share > 0 and not reader:
-        raise ValueError("a read share above 0 needs a pose reader (m2 fit-pose-reader first)")
+    read_share = read_share_or_default(read_share, reader)
     require_arrays(train, ("tok_rgb", "coords", "tok_rgb_next"), "next-frame head")
     rng = np.random.default_rng([seed, 0x6E46])
     head = model.next_frame
@@ -170,9 +165,7 @@ def fit(
 def _option(bundle) -> dict:
     from training.image_context import image_levels
 
-    if bundle.image_tokenizer is None:
-        raise ValueError("the checkpoint has no image tokenizer inside")
-    return {"next_frame_levels": image_levels(bundle.image_tokenizer)}
+    return {"next_frame_levels": image_levels(bundle)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,11 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                 help="change a token only where the head's guess beats the present one by more "
                 "than this many nats (default: the most accurate on validation frames)",
             ),
-            "--read-share": dict(
-                type=float, default=None, dest="read_share",
-                help="share of each batch whose skeleton is the one the pose reader reads from "
-                "the frame (default 0.5 with a pose reader, else 0)",
-            ),
+            **refit.READ_SHARE_OPTION,
         },
     )  # fmt: skip
 

@@ -71,6 +71,19 @@ def fit_alone(
     return float("nan") if run is None else float(run)
 
 
+def read_share_or_default(read_share: float | None, has_reader: bool) -> float:
+    """The share of a fit's batches made from skeletons the pose reader reads from the frame
+    (`m2 fit-motion`, `m2 fit-next-frame`): None -> 0.5 with a reader, else 0; ValueError
+    outside [0, 1], or above 0 without a reader."""
+    if read_share is None:
+        read_share = 0.5 if has_reader else 0.0
+    if not 0.0 <= read_share <= 1.0:
+        raise ValueError(f"read share must be in [0, 1], got {read_share}")
+    if read_share > 0 and not has_reader:
+        raise ValueError("a read share above 0 needs a pose reader (m2 fit-pose-reader first)")
+    return read_share
+
+
 def require_arrays(shards: Shards, names: Iterable[str], what: str) -> None:
     """ValueError naming `what` when the split lacks one of the arrays a fit reads."""
     for name in names:

@@ -125,9 +125,7 @@ def fit(
 def _option(bundle) -> dict:
     from training.image_context import image_levels
 
-    if bundle.image_tokenizer is None:
-        raise ValueError("the checkpoint has no image tokenizer inside")
-    return {"pose_reader_levels": image_levels(bundle.image_tokenizer), "pose_reader_flags": True}
+    return {"pose_reader_levels": image_levels(bundle), "pose_reader_flags": True}
 
 
 def main(argv: list[str] | None = None) -> int:

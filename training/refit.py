@@ -24,6 +24,16 @@ from training.data import Shards
 # (model, train, val or None, steps, seed, batch size, **the options' values) -> figures
 Fit = Callable[..., dict[str, float]]
 
+# `--read-share` of the fits that learn from skeletons read from the frame (the motion head,
+# the next-frame head; `pose_context.read_share_or_default`)
+READ_SHARE_OPTION: dict[str, dict[str, Any]] = {
+    "--read-share": dict(
+        type=float, default=None, dest="read_share",
+        help="share of each batch made from the skeleton the pose reader reads from the frame "
+        "(default 0.5 with a pose reader, else 0)",
+    )
+}  # fmt: skip
+
 
 def main(
     argv: list[str] | None,
