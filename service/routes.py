@@ -70,7 +70,13 @@ async def predict(
     ] = None,
     caption: Annotated[str | None, Form(description="a sentence about the frame")] = None,
     steps: Annotated[int, Form(description="roll-out steps")] = 1,
-    temperature: Annotated[float | None, Form(description="sampling temperature")] = None,
+    temperature: Annotated[
+        float | None,
+        Form(
+            description="sampling temperature (0 = most likely); a checkpoint with a "
+            "next-frame head gives its next key frame without sampling"
+        ),
+    ] = None,
     seed: Annotated[int | None, Form(description="same seed, same answer")] = None,
 ) -> PredictResponse:
     received = getattr(request.state, "received", None) or time.perf_counter()

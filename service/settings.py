@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     max_steps: int = Field(4, ge=1, le=32, description="roll-out steps allowed per request")
     max_temperature: float = Field(5.0, gt=0.0)
     default_temperature: float = Field(
-        0.0, ge=0.0, description="MaskGIT temperature when a request sends none: 0 = most likely"
+        0.0, ge=0.0, description="sampling temperature when a request sends none: 0 = most likely"
     )
     max_caption_chars: int = Field(500, ge=1)
     decode_concurrency: int = Field(2, ge=1, description="images decoded at once (memory cap)")
