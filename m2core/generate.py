@@ -373,8 +373,8 @@ def generate(
             timed("coords_next", maskgit, model, "coords_next", kv, mask, cfg, gens, table,
                   now_pose, motion)
         )  # fmt: skip
+        later = out_next[-1][:, (FUTURE_FRAMES - 1) * TOKENS_PER_POSE :]  # the skeleton at t+6
         if model.next_frame is not None:  # from the frame, the skeleton now and at t+6
-            later = out_next[-1][:, (FUTURE_FRAMES - 1) * TOKENS_PER_POSE :]
             out_rgb.append(
                 timed("tok_rgb_next", model.next_frame_tokens, rgb_in[0], coords, later, ~has_coords)
             )  # fmt: skip
@@ -383,8 +383,7 @@ def generate(
                 timed("tok_rgb_next", maskgit, model, "tok_rgb_next", kv, mask, cfg, gens, table,
                       rgb_in[0])
             )  # fmt: skip
-        rgb_in = (out_rgb[-1], rgb_in[1])
-        coords = out_next[-1][:, (FUTURE_FRAMES - 1) * TOKENS_PER_POSE :]
+        rgb_in, coords = (out_rgb[-1], rgb_in[1]), later
     return GenerationResult(
         coords=first_coords,
         captions=[_strip(row) for row in caps.tolist()],

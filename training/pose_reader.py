@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from m2core.modalities import NUM_JOINTS, POSE_BINS
-from m2core.model import M2Model
+from m2core.model import M2Model, pose_points
 from training.data import Shards
 from training.metrics import normalised_errors, pck, person_scale
 from training.pose_context import fit_alone, require_arrays
@@ -29,11 +29,8 @@ def _batch(arrays, rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor
     rows = np.sort(rows)  # memory-mapped arrays read faster in order
     rgb = torch.from_numpy(np.asarray(arrays["tok_rgb"][rows], np.int64)).to(device)
     coords = torch.from_numpy(np.asarray(arrays["coords"][rows], np.int64)).to(device)
-    joints = coords.view(-1, NUM_JOINTS, 3)
-    xy = (joints[..., :2].float() + 0.5) / POSE_BINS
-    flag = joints[..., 2] == POSE_BINS + 1
-    seen = (joints[..., :2] < POSE_BINS).all(-1) & flag
-    return rgb, xy, seen, flag
+    xy, seen = pose_points(coords)
+    return rgb, xy, seen, coords.view(-1, NUM_JOINTS, 3)[..., 2] == POSE_BINS + 1
 
 
 def shift_grid(
