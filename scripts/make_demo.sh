@@ -37,8 +37,11 @@ CLIPS=${CLIPS:-6000}
 # The image tokenizer learns from the first 400 clips; the model from all of them (the
 # same clips: --resume keeps the first 400 and renders the rest).
 stage "m2 synth (400 clips)" 1 m2 synth --out "$WORK/synth" --clips 400 --seed 0 --workers 2 --resume
+# The bundled model reads today's 4,096-code tokenizer (these overrides restore it); the
+# model redesign moves the demo to configs/tokenizer.yaml's 64,000-code one (docs/tokenizer.md).
 stage "m2 train-tokenizer (1500 steps)" 1 m2 train-tokenizer --data "$WORK/synth" --out "$WORK/tokenizer" \
-  --config configs/tokenizer.yaml steps=1500
+  --config configs/tokenizer.yaml steps=1500 levels=[8,8,8,8] limb_weight=0 \
+  max_train_frames=4000 time_budget=0 eval_every=250
 stage "m2 synth (to $CLIPS clips)" 1 m2 synth --out "$WORK/synth" --clips "$CLIPS" --seed 0 --workers 2 --resume
 stage "m2 prepare (hop 3)" 1 m2 prepare --data "$WORK/synth" --tokenizer "$WORK/tokenizer" --out "$WORK/prepared" \
   --workers 2 --hop 3

@@ -248,7 +248,7 @@ Every step is a command of this repo; `bash scripts/make_demo.sh` runs them all:
 
 ```
 m2 synth --out data/demo/synth --clips 400 --seed 0 --workers 2
-m2 train-tokenizer --data data/demo/synth --out data/demo/tokenizer --config configs/tokenizer.yaml steps=1500
+m2 train-tokenizer --data data/demo/synth --out data/demo/tokenizer --config configs/tokenizer.yaml steps=1500 levels=[8,8,8,8] limb_weight=0 max_train_frames=4000 time_budget=0 eval_every=250
 m2 synth --out data/demo/synth --clips {meta["source"].get("synth", {}).get("clips", "?")} --seed 0 --workers 2 --resume
 m2 prepare --data data/demo/synth --tokenizer data/demo/tokenizer --out data/demo/prepared --hop {meta.get("hop", meta["stride"])}
 {train_cmd}

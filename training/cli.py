@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("training.synth", "render synthetic clips in the Penn Action layout"),
     "contact-sheet": ("training.contact_sheet", "draw skeletons over frames of several clips"),
     "train-tokenizer": ("training.train_tokenizer", "train the image tokenizer"),
+    "eval-tokenizer": ("training.eval_tokenizer", "score an image tokenizer on held-out clips"),
     "tokenize-image": ("training.tokenize_image", "round-trip an image through the tokenizer"),
     "prepare": ("training.prepare", "raw clips -> token shards"),
     "train": ("training.train", "train M2 (same as accelerate launch training/train.py)"),

@@ -5,6 +5,11 @@ Frames come from a Penn-Action-layout folder (synthetic or real) through
 The held-out split is by clip, never by frame: clips whose label says `train = -1`, or,
 when every clip is marked for training, the last `val_fraction` of the clips.
 
+Each frame comes with its limb band: the pixels within `BAND_PX` of the labelled
+shoulder-elbow-wrist and hip-knee-ankle segments (both ends visible). Training weights
+the loss there; evaluation reports PSNR over the band beside the whole frame, since a thin
+forearm is a few hundred pixels and barely moves a whole-frame average.
+
 Evaluation reports the tokenizer's PSNR next to two plain baselines measured on the same
 frames, and the share of the codebook the held-out frames use:
 
@@ -34,6 +39,12 @@ from training.penn_action import Clip, iter_clips
 log = logging.getLogger(__name__)
 
 FrameRef = tuple[Clip, int]  # (clip, 0-based frame index)
+
+BAND_PX = 5.0  # limb band half-width in frame pixels
+# shoulder-elbow, elbow-wrist, hip-knee, knee-ankle on each side (Penn Action joint order)
+LIMB_SEGMENTS: tuple[tuple[int, int], ...] = (
+    (1, 3), (3, 5), (2, 4), (4, 6), (7, 9), (9, 11), (8, 10), (10, 12),
+)  # fmt: skip
 
 
 def split_clips(root: str | Path, val_fraction: float) -> tuple[list[Clip], list[Clip]]:
@@ -66,19 +77,48 @@ def spread(refs: Sequence[FrameRef], limit: int) -> list[FrameRef]:
     return [refs[i] for i in spread_index(len(refs), limit)]
 
 
-def load_frames(refs: Sequence[FrameRef], desc: str = "frames") -> torch.Tensor:
-    """Letterboxed uint8 frames (N, 256, 256, 3) for `refs`, decoded on a few threads."""
+def limb_band(xy: np.ndarray, visible: np.ndarray, size: int = FRAME_SIZE) -> np.ndarray:
+    """bool (size, size): pixels whose centre lies within BAND_PX of a visible limb segment.
 
-    def one(ref: FrameRef) -> np.ndarray:
+    `xy` (13, 2) in frame pixels (continuous: pixel i spans [i, i+1)), `visible` (13,).
+    """
+    centres = np.arange(size, dtype=np.float32) + 0.5
+    px, py = np.meshgrid(centres, centres)  # (size, size) each: x varies along columns
+    band = np.zeros((size, size), dtype=bool)
+    for a, b in LIMB_SEGMENTS:
+        if not (visible[a] and visible[b]):
+            continue
+        (ax, ay), (bx, by) = xy[a], xy[b]
+        dx, dy = bx - ax, by - ay
+        t = ((px - ax) * dx + (py - ay) * dy) / max(dx * dx + dy * dy, 1e-9)
+        t = np.clip(t, 0.0, 1.0)
+        band |= (px - ax - t * dx) ** 2 + (py - ay - t * dy) ** 2 <= BAND_PX**2
+    return band
+
+
+def load_frames(
+    refs: Sequence[FrameRef], desc: str = "frames", bands: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Letterboxed uint8 frames (N, 256, 256, 3) for `refs`, decoded on a few threads;
+    with `bands`, also each frame's limb band, bool (N, 256, 256)."""
+
+    def one(ref: FrameRef) -> tuple[np.ndarray, np.ndarray | None]:
         clip, i = ref
-        return letterbox(clip.frame(i), FRAME_SIZE)[0]
+        frame, lb = letterbox(clip.frame(i), FRAME_SIZE)
+        if not bands:
+            return frame, None
+        xy = lb.to_frame(np.stack([clip.x[i], clip.y[i]], axis=1)) * FRAME_SIZE
+        return frame, limb_band(xy, clip.visibility[i])
 
     out = torch.empty((len(refs), FRAME_SIZE, FRAME_SIZE, 3), dtype=torch.uint8)
+    masks = torch.zeros((len(refs), FRAME_SIZE, FRAME_SIZE), dtype=torch.bool)
     with ThreadPoolExecutor(max_workers=4) as pool:
         frames = pool.map(one, refs)
-        for k, arr in enumerate(tqdm(frames, total=len(refs), desc=desc, leave=False)):
+        for k, (arr, band) in enumerate(tqdm(frames, total=len(refs), desc=desc, leave=False)):
             out[k] = torch.from_numpy(arr)
-    return out
+            if band is not None:
+                masks[k] = torch.from_numpy(band)
+    return (out, masks) if bands else out
 
 
 # --- Baselines ------------------------------------------------------------------------------
@@ -114,10 +154,24 @@ def reconstruct(tokenizer: ImageTokenizer, images: torch.Tensor, batch_size: int
     return torch.cat(recons), torch.cat(ids)
 
 
+def band_psnr(a: torch.Tensor, b: torch.Tensor, band: torch.Tensor) -> np.ndarray:
+    """PSNR (dB) over each image's band pixels, uint8 (N, H, W, 3) x2 and bool (N, H, W);
+    NaN for an image with an empty band."""
+    sq = (a.double() - b.double()).square().mean(-1)  # (N, H, W)
+    n = band.flatten(1).sum(1)
+    mse = (sq * band).flatten(1).sum(1) / n.clamp_min(1)
+    out = 10 * torch.log10(255.0**2 / mse.clamp_min(1e-10))
+    return torch.where(n > 0, out.clamp_max(100.0), torch.nan).numpy()
+
+
 def evaluate(
-    tokenizer: ImageTokenizer, images: torch.Tensor, baselines: bool = True
+    tokenizer: ImageTokenizer,
+    images: torch.Tensor,
+    baselines: bool = True,
+    bands: torch.Tensor | None = None,
 ) -> dict[str, float | int]:
-    """Held-out metrics: mean per-image PSNR (dB) of the tokenizer and the baselines, usage."""
+    """Held-out metrics: mean per-image PSNR (dB) of the tokenizer and the baselines (over the
+    whole frame and, given `bands`, over the limb band), codebook usage."""
     recon, ids = reconstruct(tokenizer, images)
     used = int(torch.unique(ids).numel())
     counts = torch.bincount(ids.flatten(), minlength=tokenizer.vocab_size).double()
@@ -130,7 +184,14 @@ def evaluate(
         "codebook_usage": used / tokenizer.vocab_size,
         "perplexity": float(torch.exp(-(p * p.log()).sum())),
     }
+    if bands is not None:
+        result["psnr_limb_band"] = float(np.nanmean(band_psnr(recon, images, bands)))
     if baselines:
-        result["psnr_block_mean"] = float(psnr(block_mean(images), images).mean())
+        blocks = block_mean(images)
+        result["psnr_block_mean"] = float(psnr(blocks, images).mean())
         result["psnr_nearest"] = float(psnr(nearest_resample(images), images).mean())
+        if bands is not None:
+            result["psnr_limb_band_block_mean"] = float(
+                np.nanmean(band_psnr(blocks, images, bands))
+            )
     return result

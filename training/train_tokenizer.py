@@ -45,15 +45,15 @@ class TokenizerTrainConfig:
     """Everything a run needs besides --data and --out. configs/tokenizer.yaml sets the same."""
 
     # model (ImageTokenizerConfig)
-    levels: tuple[int, ...] = (8, 8, 8, 8)
+    levels: tuple[int, ...] = (8, 8, 8, 5, 5, 5)
     channels: tuple[int, ...] = (32, 64, 128, 128)
     res_blocks: int = 2
     # optimisation
-    steps: int = 3000
+    steps: int = 20000  # time_budget cuts it to what fits
     batch_size: int = 16
     lr: float = 2e-3
     min_lr: float = 1e-4
-    warmup_steps: int = 100
+    warmup_steps: int = 200
     weight_decay: float = 0.0
     clip_grad: float = 1.0
     crop: int = 128  # random square crops (multiple of 16); convolutions see full frames later
@@ -61,14 +61,16 @@ class TokenizerTrainConfig:
     l1_weight: float = 1.0
     mse_weight: float = 1.0
     edge_weight: float = 0.5
+    limb_weight: float = 4.0  # extra loss weight on limb-band pixels (1 + limb_weight there)
     # data
     val_fraction: float = 0.15  # held-out share of clips when the labels mark no test clips
-    max_train_frames: int = 4000  # evenly spaced over the training clips
+    max_train_frames: int = 8000  # evenly spaced over the training clips
     val_frames: int = 512  # held-out frames for the final metrics
     eval_frames: int = 64  # held-out frames for the periodic PSNR
     # bookkeeping
-    eval_every: int = 250
-    checkpoint_every: int = 250
+    eval_every: int = 1000
+    checkpoint_every: int = 500
+    time_budget: float = 45.0  # minutes; > 0 fits the step count (and its schedule) to it
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -77,6 +79,11 @@ class TokenizerTrainConfig:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.lr <= 0 or self.min_lr < 0:
             raise ValueError(f"lr must be > 0 and min_lr >= 0, got {self.lr}, {self.min_lr}")
+        if self.limb_weight < 0 or self.time_budget < 0:
+            raise ValueError(
+                f"limb_weight and time_budget must be >= 0, got {self.limb_weight}, "
+                f"{self.time_budget}"
+            )
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         down = self.model_config().downsample
@@ -155,46 +162,71 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
 
 
 def recon_loss(
-    recon: torch.Tensor, target: torch.Tensor, cfg: TokenizerTrainConfig
+    recon: torch.Tensor,
+    target: torch.Tensor,
+    cfg: TokenizerTrainConfig,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """L1 + MSE on pixels + L1 on horizontal/vertical differences (keeps edges sharp)."""
+    """L1 + MSE on pixels + L1 on horizontal/vertical differences (keeps edges sharp), each a
+    mean over pixels weighted by `weight` (B, 1, H, W) when given (the limb band's)."""
+
+    def mean(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+        return x.mean() if w is None else (x * w).mean() / w.mean()
+
     diff = recon - target
-    loss = cfg.l1_weight * diff.abs().mean() + cfg.mse_weight * diff.square().mean()
+    loss = cfg.l1_weight * mean(diff.abs(), weight) + cfg.mse_weight * mean(diff.square(), weight)
     if cfg.edge_weight:
         dx = diff[..., :, 1:] - diff[..., :, :-1]  # = grad(recon) - grad(target)
         dy = diff[..., 1:, :] - diff[..., :-1, :]
-        loss = loss + cfg.edge_weight * (dx.abs().mean() + dy.abs().mean())
+        wx = None if weight is None else weight[..., :, 1:]
+        wy = None if weight is None else weight[..., 1:, :]
+        loss = loss + cfg.edge_weight * (mean(dx.abs(), wx) + mean(dy.abs(), wy))
     return loss
 
 
-def lr_at(step: int, cfg: TokenizerTrainConfig) -> float:
+def lr_at(step: int, cfg: TokenizerTrainConfig, total: int | None = None) -> float:
+    """Linear warm-up, then cosine from lr to min_lr over `total` steps (cfg.steps)."""
+    total = cfg.steps if total is None else total
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def sample_batch(
-    frames: torch.Tensor, cfg: TokenizerTrainConfig, gen: torch.Generator
-) -> torch.Tensor:
-    """Random crops (with random horizontal flips) -> float (B, 3, crop, crop) in [-1, 1]."""
+    frames: torch.Tensor,
+    cfg: TokenizerTrainConfig,
+    gen: torch.Generator,
+    bands: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Random crops (with random horizontal flips) -> float (B, 3, crop, crop) in [-1, 1],
+    and with `bands` their pixel weights (B, 1, crop, crop): 1 + limb_weight on the band."""
     n, size = len(frames), frames.shape[1]
     idx = torch.randint(n, (cfg.batch_size,), generator=gen)
     ys = torch.randint(size - cfg.crop + 1, (cfg.batch_size,), generator=gen)
     xs = torch.randint(size - cfg.crop + 1, (cfg.batch_size,), generator=gen)
     flips = torch.rand(cfg.batch_size, generator=gen) < 0.5
-    crops = []
+    crops, masks = [], []
     for i, y, x, f in zip(idx.tolist(), ys.tolist(), xs.tolist(), flips.tolist(), strict=True):
         crop = frames[i, y : y + cfg.crop, x : x + cfg.crop]
         crops.append(crop.flip(1) if f else crop)
+        if bands is not None:
+            mask = bands[i, y : y + cfg.crop, x : x + cfg.crop]
+            masks.append(mask.flip(1) if f else mask)
     batch = torch.stack(crops).permute(0, 3, 1, 2).float()
-    return batch.div_(127.5).sub_(1.0).contiguous(memory_format=torch.channels_last)
+    batch = batch.div_(127.5).sub_(1.0).contiguous(memory_format=torch.channels_last)
+    if bands is None:
+        return batch, None
+    weight = 1.0 + cfg.limb_weight * torch.stack(masks).unsqueeze(1).float()
+    return batch, weight
 
 
 # --- Checkpoints (safetensors + JSON, atomic by directory rename) ----------------------------
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, gen: torch.Generator, cfg) -> Path:
+def save_checkpoint(
+    out: Path, step: int, model, optimizer, gen: torch.Generator, cfg, total: int
+) -> Path:
     root = out / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
@@ -213,7 +245,12 @@ def save_checkpoint(out: Path, step: int, model, optimizer, gen: torch.Generator
     }
     tensors["rng"] = gen.get_state()
     save_file(tensors, str(tmp / "optimizer.safetensors"))
-    meta = {"step": step, "config": asdict(cfg), "param_groups": opt["param_groups"]}
+    meta = {
+        "step": step,
+        "total_steps": total,  # the schedule's length (time_budget may have cut it)
+        "config": asdict(cfg),
+        "param_groups": opt["param_groups"],
+    }
     (tmp / "state.json").write_text(json.dumps(meta, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -226,11 +263,14 @@ def save_checkpoint(out: Path, step: int, model, optimizer, gen: torch.Generator
     return final
 
 
-def load_checkpoint(out: Path, model, optimizer, gen: torch.Generator, cfg) -> int:
-    """Restore the latest checkpoint under `out`; returns the step to continue from (0 if none)."""
+def load_checkpoint(
+    out: Path, model, optimizer, gen: torch.Generator, cfg
+) -> tuple[int, int | None]:
+    """Restore the latest checkpoint under `out`; returns the step to continue from (0 if
+    none) and the schedule's length when a time budget cut it (else None: cfg.steps)."""
     pointer = out / CHECKPOINTS / "latest.json"
     if not pointer.is_file():
-        return 0
+        return 0, None
     try:
         ckpt = out / CHECKPOINTS / json.loads(pointer.read_text())["dir"]
         meta = json.loads((ckpt / "state.json").read_text())
@@ -252,10 +292,45 @@ def load_checkpoint(out: Path, model, optimizer, gen: torch.Generator, cfg) -> i
         i, key = name.split(".", 1)
         state.setdefault(int(i), {})[key] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return int(meta["step"])
+    # A schedule the time budget cut is kept, unless this run asks for another step count.
+    total = meta.get("total_steps")
+    cut = total is not None and total != saved["steps"] and cfg.steps == saved["steps"]
+    return int(meta["step"]), int(total) if cut else None
 
 
 # --- Training -------------------------------------------------------------------------------
+
+
+class Budget:
+    """time_budget: measures steps/s over the first steps (evaluation time left out), then
+    gives the step count that ends within the budget; every process gets the slowest's."""
+
+    def __init__(self, cfg: TokenizerTrainConfig, accelerator: Accelerator):
+        self.cfg, self.acc = cfg, accelerator
+        self.t_start = time.perf_counter()
+        self.mark: tuple[int, float] | None = None  # (step, time) once warm
+        self.skipped = 0.0  # seconds of evaluation since the mark
+        self.calibrate_s = min(max(2.0, 0.03 * cfg.time_budget * 60), 60.0)
+
+    def skip(self, seconds: float) -> None:
+        self.skipped += seconds
+
+    def fit(self, step: int) -> int | None:
+        now = time.perf_counter()
+        if self.mark is None:
+            if step >= 3:  # the first steps pay for one-off allocation
+                self.mark = (step, now)
+            return None
+        spent = now - self.mark[1] - self.skipped
+        ready = float(spent >= self.calibrate_s and step - self.mark[0] >= 5)
+        flag = torch.tensor(ready, device=self.acc.device)
+        if float(self.acc.reduce(flag, "sum")) < self.acc.num_processes:
+            return None
+        rate = (step - self.mark[0]) / spent
+        # evaluation every eval_every steps and the export at the end cost ~3% of the budget
+        left = self.cfg.time_budget * 60 * 0.97 - (now - self.t_start)
+        steps = torch.tensor([max(step, step + int(left * rate))], device=self.acc.device)
+        return int(self.acc.gather(steps).min())
 
 
 def train(data_dir: str | Path, out: str | Path, cfg: TokenizerTrainConfig) -> dict[str, Any]:
@@ -279,9 +354,10 @@ def train(data_dir: str | Path, out: str | Path, cfg: TokenizerTrainConfig) -> d
         betas=(0.9, 0.99),
     )
     gen = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
-    start = load_checkpoint(out, model, optimizer, gen, cfg)
+    start, total = load_checkpoint(out, model, optimizer, gen, cfg)
+    total = total or cfg.steps
     if start:
-        log.info("resuming from step %d", start)
+        log.info("resuming from step %d of %d", start, total)
 
     train_clips, val_clips = data.split_clips(data_dir, cfg.val_fraction)
     train_refs = data.spread(data.frame_refs(train_clips), cfg.max_train_frames)
@@ -293,52 +369,65 @@ def train(data_dir: str | Path, out: str | Path, cfg: TokenizerTrainConfig) -> d
         len(val_clips),
         len(val_refs),
     )
-    frames = data.load_frames(train_refs, "training frames")
-    val = data.load_frames(val_refs, "held-out frames") if main else None
-    eval_subset = val[data.spread_index(len(val), cfg.eval_frames)] if main else None
+    frames, bands = data.load_frames(train_refs, "training frames", bands=True)
+    bands = bands if cfg.limb_weight else None
+    val, val_bands = (
+        data.load_frames(val_refs, "held-out frames", bands=True) if main else (None, None)
+    )
+    sub = data.spread_index(len(val), cfg.eval_frames) if main else []
     model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
     log.info("tokenizer: %.2fM parameters, vocab %d", raw.num_params() / 1e6, raw.vocab_size)
 
     history: list[dict[str, float]] = []
     started = time.perf_counter()
-    bar = tqdm(
-        range(start, cfg.steps),
-        initial=start,
-        total=cfg.steps,
-        disable=not main,
-        desc="tokenizer",
-        dynamic_ncols=True,
-    )
-    for step in bar:
+    budget = Budget(cfg, accelerator) if cfg.time_budget and start == 0 else None
+    bar = tqdm(initial=start, total=total, disable=not main, desc="tokenizer", dynamic_ncols=True)
+    step = start
+    while step < total:
         # 1. learning rate for this step
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = lr_at(step, cfg, total)
         # 2. forward / backward / step
         model.train()
-        batch = sample_batch(frames, cfg, gen).to(accelerator.device)
+        batch, weight = sample_batch(frames, cfg, gen, bands)
+        batch = batch.to(accelerator.device)
+        weight = None if weight is None else weight.to(accelerator.device)
         recon, _ = model(batch)
-        loss = recon_loss(recon, batch, cfg)
+        loss = recon_loss(recon, batch, cfg, weight)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         if cfg.clip_grad:
             accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
         optimizer.step()
-        done = step + 1
-        # 3. periodic held-out PSNR and checkpoint
+        step += 1
+        bar.update()
+        # 3. time_budget: once steps/s is known, the schedule's length fits the minutes
+        if budget is not None and (fitted := budget.fit(step)) is not None:
+            total, budget = min(total, fitted), None
+            bar.total = total
+            log.info("time_budget %.1f min: %d steps", cfg.time_budget, total)
+        # 4. periodic held-out PSNR and checkpoint
         postfix = {"loss": f"{loss.item():.4f}"}
-        if main and (done % cfg.eval_every == 0 or done == cfg.steps):
-            metrics = data.evaluate(raw, eval_subset, baselines=False)
-            history.append({"step": done, "loss": loss.item(), "psnr": metrics["psnr"]})
+        if main and (step % cfg.eval_every == 0 or step == total):
+            t0 = time.perf_counter()
+            metrics = data.evaluate(raw, val[sub], baselines=False, bands=val_bands[sub])
+            if budget is not None:
+                budget.skip(time.perf_counter() - t0)
+            history.append(
+                {"step": step, "loss": loss.item(), "psnr": metrics["psnr"],
+                 "psnr_limb_band": metrics["psnr_limb_band"]}
+            )  # fmt: skip
             postfix["val_psnr"] = f"{metrics['psnr']:.2f}"
             log.info(
-                "step %d: loss %.4f, held-out PSNR %.2f dB", done, loss.item(), metrics["psnr"]
-            )
+                "step %d: loss %.4f, held-out PSNR %.2f dB (limb band %.2f dB)",
+                step, loss.item(), metrics["psnr"], metrics["psnr_limb_band"],
+            )  # fmt: skip
         bar.set_postfix(postfix, refresh=False)
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+        if step % cfg.checkpoint_every == 0 or step == total:
             accelerator.wait_for_everyone()
             if main:
-                save_checkpoint(out, done, raw, optimizer, gen, cfg)
+                save_checkpoint(out, step, raw, optimizer, gen, cfg, total)
     bar.close()
     train_seconds = time.perf_counter() - started
 
@@ -349,11 +438,11 @@ def train(data_dir: str | Path, out: str | Path, cfg: TokenizerTrainConfig) -> d
         raw.eval()
         raw.save_pretrained(out)
         result = {
-            "held_out": data.evaluate(raw, val),
+            "held_out": data.evaluate(raw, val, bands=val_bands),
             "held_out_clips": len(val_clips),
             "train_clips": len(train_clips),
             "train_frames": len(train_refs),
-            "steps": cfg.steps,
+            "steps": total,
             "resumed_from": start,
             "train_seconds_this_run": round(train_seconds, 1),
             "device": str(accelerator.device),

@@ -21,7 +21,8 @@ from training.train_tokenizer import main as train_main
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["channels=[8,16,32,32]", "res_blocks=1", "levels=[8,5,5,5]", "batch_size=4",
-        "crop=64", "warmup_steps=2", "lr=0.005", "eval_every=5", "checkpoint_every=5"]  # fmt: skip
+        "crop=64", "warmup_steps=2", "lr=0.005", "eval_every=5", "checkpoint_every=5",
+        "time_budget=0"]  # fmt: skip
 
 
 def write_clips(
