@@ -30,6 +30,7 @@ from service.batching import Batcher
 from service.errors import install_error_handlers
 from service.metrics import Metrics, MetricsMiddleware
 from service.middleware import ApiKeyMiddleware, BodyLimitMiddleware
+from service.openapi import install_openapi
 from service.pipeline import Pipeline
 from service.predictor import M2Predictor
 from service.routes import OPEN_PATHS, router
@@ -121,6 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.pipeline = None
     install_error_handlers(app)
     app.include_router(router)
+    install_openapi(app, settings)  # the limits, media types and links FastAPI cannot infer
 
     # add_middleware wraps: the last added is the outermost.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

@@ -1,8 +1,10 @@
 """`m2 serve`: run the HTTP service (uvicorn) on a checkpoint.
 
 Flags override `M2_*` environment variables, which override the defaults of
-`service.settings.Settings`. A missing or damaged checkpoint stops the command with one
-line on stderr and exit status 2, never a traceback.
+`service.settings.Settings`. There is one flag per settings field, made from the field
+(name, type, description, default), so `--help` lists every `M2_*` setting. A missing or
+damaged checkpoint stops the command with one line on stderr and exit status 2, never a
+traceback.
 """
 
 from __future__ import annotations
@@ -10,8 +12,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
+import types
+import typing
+from pathlib import Path
+from typing import Any
 
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
+from pydantic.fields import FieldInfo
+
+from service.settings import Settings, env_name, shown_default
 
 PROG = "m2 serve"
 
@@ -23,39 +33,70 @@ class _DropStartupNoise(logging.Filter):
         return "Application startup failed" not in record.getMessage()
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps at spaces only: `checkpoints/m2-demo` stays on one line."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(text, width, break_on_hyphens=False)
+
+
+def flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _add_setting(group: argparse._ArgumentGroup, name: str, info: FieldInfo) -> None:
+    """One flag for one settings field. Values stay strings: `Settings` parses them, so a
+    flag and its `M2_*` variable are read by the same code."""
+    kind = info.annotation
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # `int | None` -> int
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    described = f"{info.description} ({env_name(name)}; default: {shown_default(name)})"
+    kwargs: dict[str, Any] = {"help": described.replace("%", "%%"), "dest": name}
+    if kind is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif typing.get_origin(kind) is typing.Literal:
+        kwargs["choices"] = typing.get_args(kind)
+    elif typing.get_origin(kind) in (list, tuple):  # cors_origins -> ORIGIN ...
+        kwargs.update(nargs="+", metavar=name.rsplit("_", 1)[-1].removesuffix("s").upper())
+    else:
+        metavar = {Path: "DIR", SecretStr: "KEY", int: "N", float: "NUMBER", str: "TEXT"}
+        kwargs["metavar"] = metavar.get(kind, "VALUE")
+    group.add_argument(flag(name), **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Serve an M2 checkpoint over HTTP.")
-    p.add_argument("--checkpoint", help="checkpoint directory (default: checkpoints/m2-demo)")
-    p.add_argument("--host", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port (default 8000)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto")
-    p.add_argument("--max-batch-size", type=int, help="requests per model call (default 8)")
-    p.add_argument("--max-wait-ms", type=float, help="wait to fill a batch (default 10)")
-    p.add_argument("--max-queue", type=int, help="waiting requests before 503 (default 64)")
-    p.add_argument("--no-warmup", action="store_true", help="ready without a warm-up prediction")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Serve an M2 checkpoint over HTTP.",
+        formatter_class=_HelpFormatter,
+        argument_default=argparse.SUPPRESS,  # a flag not given leaves its setting alone
+    )
+    settings = p.add_argument_group(
+        "settings", "each flag overrides its M2_* environment variable, which overrides the default"
+    )
+    for name, info in Settings.model_fields.items():
+        _add_setting(settings, name, info)
+    p.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"],
+        help="the server's log level (default: info)",
+    )  # fmt: skip
     return p
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """`Settings` from the flags given, then `M2_*` variables, then defaults."""
+    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
+    return Settings(**given)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from service.settings import Settings  # light; the app and torch come after the checks
-
-    overrides = {
-        k: v
-        for k, v in {
-            "checkpoint": args.checkpoint, "host": args.host, "port": args.port,
-            "device": args.device, "max_batch_size": args.max_batch_size,
-            "max_wait_ms": args.max_wait_ms, "max_queue": args.max_queue,
-            "warmup": False if args.no_warmup else None,
-        }.items()
-        if v is not None
-    }  # fmt: skip
     try:
-        settings = Settings(**overrides)
+        settings = settings_from_args(args)  # light; the app and torch come after the checks
     except ValidationError as e:
         err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
+        field = str(err["loc"][0]) if err["loc"] else ""
+        where = flag(field) if field in vars(args) else env_name(field) if field else "settings"
         print(f"{PROG}: error: {where}: {err['msg']}", file=sys.stderr)
         return 2
     if not settings.checkpoint.is_dir():

@@ -92,10 +92,17 @@ class Pipeline:
         return data
 
     def next_frame(self, pid: str, step: int) -> bytes:
+        """A step outside [1, max_steps] is a bad field (422); a step this prediction did
+        not roll out (step 3 of 2) is a key frame that does not exist (404)."""
         pred = self.lookup(pid)
-        if not 1 <= step <= len(pred.next_frames_png):
+        if not 1 <= step <= self.settings.max_steps:
             raise ServiceError(
-                422, "invalid_field", f"step must be in [1, {len(pred.next_frames_png)}]", "step"
+                422, "invalid_field", f"step must be in [1, {self.settings.max_steps}]", "step"
+            )
+        n = len(pred.next_frames_png)
+        if step > n:
+            raise ServiceError(
+                404, "unknown_step", f"this prediction has {n} step(s), no step {step}", "step"
             )
         return pred.next_frames_png[step - 1]
 

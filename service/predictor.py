@@ -36,7 +36,7 @@ from m2core.geometry import (
 from m2core.modalities import IMAGE_GRID, NUM_JOINTS, TOKENS_PER_POSE
 from service.errors import ServiceError
 from service.render import content_crop, encode_png, make_background
-from service.schemas import parse_coords
+from service.schemas import MAX_SEED, parse_coords
 from service.settings import Settings
 from service.store import Prediction
 
@@ -169,7 +169,7 @@ class M2Predictor:
                 "temperature",
             )
         seed = DEFAULT_SEED if raw.seed is None else raw.seed
-        if not 0 <= seed < 2**63:
+        if not 0 <= seed <= MAX_SEED:
             raise ServiceError(
                 422, "invalid_field", f"seed must be in [0, 2**63), got {seed}", "seed"
             )
@@ -227,16 +227,16 @@ class M2Predictor:
         return self.bundle.pose_tokenizer.encode(frame_units)
 
     def _caption(self, text: str | None) -> tuple[str | None, np.ndarray | None]:
-        if text is None or not text.strip():
-            return None, None
-        text = text.strip()
-        if len(text) > self.settings.max_caption_chars:
+        if text is not None and len(text) > self.settings.max_caption_chars:  # as sent: maxLength
             raise ServiceError(
                 422,
                 "invalid_field",
                 f"caption is longer than {self.settings.max_caption_chars} characters",
                 "caption",
             )
+        if text is None or not text.strip():
+            return None, None
+        text = text.strip()
         if self.bundle.text_tokenizer is None:
             raise ServiceError(
                 422, "invalid_field", "this checkpoint has no text tokenizer", "caption"

@@ -2,6 +2,8 @@
 
 Nothing a request carries is ever used as a filesystem path: the page and its assets
 are read from the package once, when the module is imported, and served from memory.
+What the signatures cannot say (media types, settings' limits, links) `service.openapi`
+adds to the document.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, Response
+from pydantic import BeforeValidator
 
 from service.errors import ServiceError, error_response
 from service.metrics import PROMETHEUS_CONTENT_TYPE, Metrics
@@ -27,7 +30,7 @@ INDEX_HTML = (Path(__file__).parent / "static" / "index.html").read_text(encodin
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     reasons = {
         401: "API key missing or wrong (only when M2_API_KEY is set)",
-        404: "unknown or expired prediction id",
+        404: "unknown or expired prediction id (or a step the prediction does not have)",
         413: "body over the size cap, or an image with too many pixels (refused before decoding)",
         415: "not an image, a format not accepted, or a content type that does not match the data",
         422: "a damaged/truncated image, or a bad field (coords, steps, temperature, seed, caption)",
@@ -35,6 +38,17 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
         504: "no answer within the per-request deadline",
     }
     return {c: {"model": ErrorBody, "description": reasons[c]} for c in codes}
+
+
+def _none_if_blank(value: Any) -> Any:
+    """An optional form field sent empty or as `null` means "not given", as if left out:
+    an HTML form sends its empty inputs, JavaScript's `FormData` turns a null into "null"."""
+    if isinstance(value, str) and value.strip() in ("", "null"):
+        return None
+    return value
+
+
+NotGivenIfBlank = BeforeValidator(_none_if_blank)
 
 
 def get_pipeline(request: Request) -> Pipeline:
@@ -66,19 +80,30 @@ async def predict(
     pipeline: PipelineDep,
     frame: Annotated[UploadFile, File(description="PNG, JPEG, WebP or BMP")],
     coords: Annotated[
-        str | None, Form(description="JSON: 13 x [x, y, visible] in the upload's pixels")
+        str | None,
+        NotGivenIfBlank,
+        Form(description="JSON: 13 x [x, y, visible] in the upload's pixels"),
     ] = None,
-    caption: Annotated[str | None, Form(description="a sentence about the frame")] = None,
+    caption: Annotated[
+        str | None, NotGivenIfBlank, Form(description="a sentence about the frame")
+    ] = None,
     steps: Annotated[int, Form(description="roll-out steps")] = 1,
     temperature: Annotated[
         float | None,
+        NotGivenIfBlank,
         Form(
             description="sampling temperature (0 = most likely); a checkpoint with a "
             "next-frame head gives its next key frame without sampling"
         ),
     ] = None,
-    seed: Annotated[int | None, Form(description="same seed, same answer")] = None,
+    seed: Annotated[int | None, NotGivenIfBlank, Form(description="same seed, same answer")] = None,
 ) -> PredictResponse:
+    """The skeleton now, a caption, the next skeletons and key frames, from one frame.
+
+    Optional fields (`coords`, `caption`, `temperature`, `seed`) may be left out, sent
+    empty or sent as `null`: all three mean "not given". The response's `id` leads to
+    the GIF and the PNG (see the links of the 200 answer).
+    """
     received = getattr(request.state, "received", None) or time.perf_counter()
     raw = RawRequest(
         await frame.read(), frame.content_type, coords, caption, steps, temperature, seed

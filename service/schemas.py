@@ -16,6 +16,8 @@ from pydantic import BaseModel, Field
 from m2core.modalities import JOINT_NAMES, NUM_JOINTS
 
 Joint = tuple[float, float, int]  # x, y in pixels of the upload, visible 0/1
+MAX_COORD = 1e6  # largest |x| or |y| a given skeleton may have
+MAX_SEED = 2**63 - 1  # seeds are int64
 
 
 class ErrorDetail(BaseModel):
@@ -98,7 +100,7 @@ def parse_coords(text: str) -> list[list[float]]:
         for label, value in (("x", x), ("y", y)):
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"joint {i} ({name}) {label} must be a number, got {value!r}")
-            if not math.isfinite(value) or abs(value) > 1e6:
+            if not math.isfinite(value) or abs(value) > MAX_COORD:
                 raise ValueError(f"joint {i} ({name}) {label} must be finite, got {value!r}")
         if v not in (0, 1):  # True / False compare equal to 1 / 0
             raise ValueError(f"joint {i} ({name}) visible must be 0 or 1, got {v!r}")

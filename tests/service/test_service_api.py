@@ -77,6 +77,16 @@ def test_given_skeleton_and_caption_are_used_and_returned(client: TestClient):
     assert got[:, 2].tolist() == [j[2] for j in joints]
 
 
+@pytest.mark.parametrize("blank", ["", " ", "null"])
+def test_an_empty_or_null_optional_field_means_not_given(client: TestClient, blank: str):
+    """An HTML form sends empty inputs; JavaScript's FormData sends a null as "null"."""
+    frame = png_bytes(seed=4)
+    fields = {"coords": blank, "caption": blank, "temperature": blank, "seed": blank}
+    d = predict(client, frame, **fields)
+    assert _answer(d) == _answer(predict(client, frame))
+    assert not d["coords_given"] and not d["caption_given"] and d["temperature"] == 0.0
+
+
 def test_gif_has_seven_frames_per_step_loops_and_caches(client: TestClient):
     d = predict(client, png_bytes(300, 200), steps=2)
     r = client.get(d["links"]["gif"])
@@ -103,7 +113,9 @@ def test_next_frame_png_is_the_decoded_key_frame_in_the_uploads_aspect(client, c
         assert got.shape == (128, 256, 3)  # the letterbox padding is cut away
         ids = torch.tensor(d["tok_rgb_next"][step - 1])[None]
         assert np.array_equal(got, decoder.decode(ids)[0, 64:192].numpy())
-    assert client.get(d["links"]["next_frame"] + "&step=3").status_code == 422
+    missing = client.get(d["links"]["next_frame"] + "&step=3")  # a 2-step prediction
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_step"
+    assert client.get(d["links"]["next_frame"] + "&step=0").status_code == 422
 
 
 @pytest.mark.parametrize("route", ["/rollout.gif", "/next_frame.png"])

@@ -81,6 +81,8 @@ BAD = [
     ("temperature huge", png_bytes(), "image/png", {"temperature": "1e9"}, 422, "invalid_field", "temperature"),
     ("seed negative", png_bytes(), "image/png", {"seed": "-3"}, 422, "invalid_field", "seed"),
     ("caption too long", png_bytes(), "image/png", {"caption": "x" * 600}, 422, "invalid_field", "caption"),
+    ("caption too long as sent", png_bytes(), "image/png", {"caption": " " + "x" * 500}, 422, "invalid_field", "caption"),
+    ("temperature text", png_bytes(), "image/png", {"temperature": "none"}, 422, "invalid_field", "temperature"),
 ]  # fmt: skip
 
 GOOD = [
