@@ -25,9 +25,34 @@ def _run(cmd: list[str], env: dict[str, str], timeout: float = 180) -> subproces
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
+        out, err = proc.communicate()
+        return subprocess.CompletedProcess(cmd, None, out, err)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _torchrun(config: Path, out: Path) -> tuple[subprocess.CompletedProcess, dict[int, str]]:
+    """train.py in 2 processes, writing to `out`. Each rank's stdout + stderr go to its own
+    file (torchrun --redirects, under `out`-logs), returned as {rank: text}: the launcher's
+    own stderr only says which rank died, that rank's log says why."""
+    log_dir = out.with_name(out.name + "-logs")
+    cmd = [*TORCHRUN, "--log-dir", str(log_dir), "--redirects", "3", SCRIPT,
+           "--config", str(config), f"output_dir={out}"]  # fmt: skip
+    run = _run(cmd, ENV)
+    logs = {}
+    for err in sorted(log_dir.glob("*/attempt_*/*/stderr.log")):
+        out_log = err.with_name("stdout.log")
+        logs[int(err.parent.name)] = err.read_text() + (
+            out_log.read_text() if out_log.is_file() else ""
+        )
+    return run, logs
+
+
+def _why(run: subprocess.CompletedProcess, logs: dict[int, str]) -> str:
+    """What a failed run left: the launcher's verdict, then the end of every rank's log."""
+    ended = "timed out (killed)" if run.returncode is None else f"exited {run.returncode}"
+    parts = [f"torchrun {ended}; its stderr ends:\n{run.stderr[-1500:]}"]
+    parts += [f"----- rank {r} log ends:\n{text[-5000:]}" for r, text in logs.items()]
+    return "\n".join(parts)
 
 
 def _losses(run: Path) -> list[float]:
@@ -35,7 +60,9 @@ def _losses(run: Path) -> list[float]:
     return [r["train/loss"] for r in rows if "train/loss" in r]
 
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+# PYTHONFAULTHANDLER: a rank killed by a signal (SIGABRT from a C++ abort, say) prints
+# every thread's Python stack into its log before it dies.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONFAULTHANDLER": "1"}
 SCRIPT = str(REPO / "training" / "train.py")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
@@ -84,9 +111,9 @@ def test_two_processes_match_one_at_the_same_global_batch(prepared, tmp_path):
         env,
     )
     assert one.returncode == 0, one.stderr[-2000:]
-    two = _run([*TORCHRUN, script, "--config", str(path), f"output_dir={tmp_path / 'two'}"], env)
-    assert two.returncode == 0, two.stderr[-2000:]
-    assert "2 device(s) x batch -> global batch 4 samples" in two.stderr
+    two, logs = _torchrun(path, tmp_path / "two")
+    assert two.returncode == 0, _why(two, logs)
+    assert "2 device(s) x batch -> global batch 4 samples" in logs[0]
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(a) == len(b) == 3
     assert b == pytest.approx(a, rel=1e-4, abs=1e-4)
@@ -98,7 +125,8 @@ def test_time_budget_with_two_processes_ends_together(prepared, tmp_path):
     """Both processes leave calibration at the same step and agree on the new total (a
     collective each step while calibrating): no hang, one plan, a serving checkpoint."""
     path = _config(tmp_path, prepared, total_tokens=10, time_budget=0.2, log_interval=20)
-    run = _run([*TORCHRUN, SCRIPT, "--config", str(path), f"output_dir={tmp_path / 'b'}"], ENV)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stderr.count("time_budget 0.2 min") == 1  # logged by the main process only
+    run, logs = _torchrun(path, tmp_path / "b")
+    assert run.returncode == 0, _why(run, logs)
+    assert logs[0].count("time_budget 0.2 min") == 1  # logged by the main process only
+    assert "time_budget" not in logs[1]
     assert (tmp_path / "b" / "final" / "model.safetensors").is_file()
