@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.io
 import torch
+from penn_layout import write_label
 from PIL import Image, ImageDraw
 
 from m2core.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
@@ -59,12 +59,7 @@ def write_figures(root: Path, clips: int = 6, frames: int = 6) -> Path:
             img, j = figure(rng)
             img.save(root / "frames" / cid / f"{f + 1:06d}.jpg", quality=95)
             xs[f], ys[f] = j[:, 0] - 0.5, j[:, 1] - 0.5  # pixel-centre convention
-        scipy.io.savemat(root / "labels" / f"{cid}.mat", {
-            "x": xs, "y": ys, "visibility": np.ones((frames, 13)), "action": "jumping_jacks",
-            "pose": "front", "bbox": np.tile([0.0, 0.0, SIZE, SIZE], (frames, 1)),
-            "dimensions": np.array([SIZE, SIZE, frames], dtype=float), "nframes": float(frames),
-            "train": 1.0 if c < clips else -1.0,
-        })  # fmt: skip
+        write_label(root, cid, xs, ys, (SIZE, SIZE), train=c < clips, action="jumping_jacks")
     return root
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.io
 import torch
+from penn_layout import write_label
 from PIL import Image, ImageDraw
 
 from m2core.tokenizers.image import ImageTokenizer, psnr
@@ -49,12 +49,7 @@ def write_clips(
             d.line([cx, cy + 50, cx - 20, cy + 100], fill=(20, 20, 120), width=7)
             img.save(root / "frames" / cid / f"{f + 1:06d}.jpg", quality=95)
             xs[f], ys[f] = cx, cy
-        scipy.io.savemat(root / "labels" / f"{cid}.mat", {
-            "x": xs, "y": ys, "visibility": np.ones((frames, 13)), "action": "baseball_pitch",
-            "pose": "front", "bbox": np.tile([0.0, 0.0, w, h], (frames, 1)),
-            "dimensions": np.array([h, w, frames], dtype=float), "nframes": float(frames),
-            "train": 1.0 if c < clips else -1.0,
-        })  # fmt: skip
+        write_label(root, cid, xs, ys, (w, h), train=c < clips)
     return root
 
 
