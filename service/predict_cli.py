@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     t = result["timings_ms"]
     print(f"caption: {result['caption']}")
+    for w in result.get("warnings", []):
+        print(f"warning ({w['code']}): {w['message']}")
     print(f"model {result['model_version']} on {result['device']}: {t['total']:.0f} ms "
           f"(model {t['model']:.0f} ms)")  # fmt: skip
     for name in ("prediction.json", "rollout.gif", "next_frame.png"):

@@ -79,7 +79,7 @@ class Item:
     seed: int
     background_jpeg: bytes
     thumb_scale: float
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[dict[str, str]] = field(default_factory=list)  # {"code", "message"}
 
     def group_key(self) -> tuple:
         """Requests with equal keys run in one `generate` call (seeds are per sample, and
@@ -142,7 +142,12 @@ class M2Predictor:
             raise ServiceError(422, "corrupt_image", str(e), "frame") from None
         warnings = []
         if n_frames > 1:
-            warnings.append(f"animated image with {n_frames} frames: the first frame was used")
+            warnings.append(
+                {
+                    "code": "animated_image",
+                    "message": f"animated image with {n_frames} frames: the first frame was used",
+                }
+            )
         frame, box = letterbox(img)
         background, thumb_scale = make_background(img, s.gif_max_side)
         del img  # the full-size picture is not kept
@@ -297,12 +302,26 @@ class M2Predictor:
         now = self._to_pixels(pose.decode(out.coords, strict=False), item.box)  # (13, 3)
         future = pose.decode_future(out.coords_next, strict=False)  # (steps, 6, 13, 3)
         future = self._to_pixels(future, item.box)
+        warnings = list(item.warnings)
+        # A skeleton the model read with no joint visible: a caption of the empty frame would
+        # be made up, so there is none, and the answer says why.
+        nobody = item.coords_ids is None and not (now[:, 2] > 0.5).any()
         if item.caption is not None:
             caption = item.caption
+        elif nobody:
+            caption = None
         elif self.bundle.text_tokenizer is not None:
             caption = self.bundle.text_tokenizer.decode(out.caption_ids)
         else:
             caption = ""
+        if nobody:
+            warnings.append(
+                {
+                    "code": "no_person",
+                    "message": "no person found: every joint is marked not visible, no caption "
+                    "is given and the forecast means nothing",
+                }
+            )
         pngs = [encode_png(content_crop(f, item.box)) for f in out.next_frames]
         fields = {
             "caption": caption,
@@ -316,7 +335,7 @@ class M2Predictor:
             "steps": item.steps,
             "temperature": item.temperature,
             "seed": item.seed,
-            "warnings": item.warnings,
+            "warnings": warnings,
         }
         pred = Prediction(item.background_jpeg, item.thumb_scale, now, future, pngs, self.version)
         return fields, pred

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -49,9 +49,26 @@ class Links(BaseModel):
     next_frame: str
 
 
+WarningCode = Literal["animated_image", "no_person"]
+WARNING_CODES: dict[str, str] = {
+    "animated_image": "an animated upload: only its first frame was used",
+    "no_person": "the model found no visible joint: no caption, and the forecast means nothing",
+}
+
+
+class Warning(BaseModel):
+    """Something the caller should know about this answer; `code` is stable, `message` is
+    for a person."""
+
+    code: WarningCode = Field(
+        description="; ".join(f"`{c}`: {what}" for c, what in WARNING_CODES.items())
+    )
+    message: str
+
+
 class PredictResponse(BaseModel):
     id: str = Field(description="unguessable id of this prediction (for the GIF and PNG)")
-    caption: str
+    caption: str | None = Field(description="null when no person was found (`no_person`)")
     caption_given: bool = Field(description="the caption was supplied, not generated")
     coords: list[Joint] = Field(description="13 joints now, upload pixels")
     coords_given: bool = Field(description="the skeleton was supplied, not predicted")
@@ -68,7 +85,7 @@ class PredictResponse(BaseModel):
     model_version: str = Field(description="hash of the checkpoint's weights")
     timings_ms: Timings
     links: Links
-    warnings: list[str] = Field(default_factory=list)
+    warnings: list[Warning] = Field(default_factory=list)
 
 
 class Health(BaseModel):

@@ -78,11 +78,10 @@ def _predict_held_out(client) -> tuple[list, list]:
     return stats, bodies
 
 
-def test_predict_on_held_out_frames_answers_in_the_upload_frame(client):
+def test_predict_on_held_out_frames_answers_in_the_upload_frame(held_out_bodies):
     """The real app on the bundled checkpoint: a full answer for every held-out frame,
     skeletons inside the uploaded image, six future skeletons, a caption in words."""
-    _, bodies = _predict_held_out(client)
-    for body in bodies:
+    for body in held_out_bodies:
         assert len(body["coords"]) == 13 and len(body["coords_next"][0]) == 6
         xy = np.array([j[:2] for j in body["coords"]], dtype=float)
         assert (xy >= -1).all() and (xy[:, 0] <= body["width"] + 1).all()
@@ -91,8 +90,18 @@ def test_predict_on_held_out_frames_answers_in_the_upload_frame(client):
 
 
 @pytest.fixture(scope="module")
-def held_out(client) -> list:
-    return _predict_held_out(client)[0]
+def held_out_run(client) -> tuple[list, list]:
+    return _predict_held_out(client)
+
+
+@pytest.fixture(scope="module")
+def held_out(held_out_run) -> list:
+    return held_out_run[0]
+
+
+@pytest.fixture(scope="module")
+def held_out_bodies(held_out_run) -> list:
+    return held_out_run[1]
 
 
 def test_predict_on_held_out_frames_finds_the_figure(held_out):
@@ -116,6 +125,20 @@ def test_predict_on_held_out_frames_names_the_action(held_out):
     frames `m2 eval` measures 37.9% from the frame alone (the model card)."""
     named = sum(s[2] for s in held_out)
     assert named / len(ACTIONS) >= ACTION_BAR, f"caption named the action {named}/{len(ACTIONS)}"
+
+
+def test_a_frame_with_nobody_gets_no_caption_and_says_so(client, held_out_bodies):
+    """A plain grey frame: the model marks every joint not visible, so there is no caption
+    (a confident one of an empty frame was the bug), and a `no_person` warning; none of the
+    held-out frames of a person carries that warning."""
+    grey = np.full((180, 240, 3), 128, dtype=np.uint8)
+    r = client.post("/predict", files={"frame": ("grey.png", _png(grey), "image/png")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert not any(j[2] for j in body["coords"])
+    assert body["caption"] is None
+    assert [w["code"] for w in body["warnings"]] == ["no_person"]
+    assert all(b["warnings"] == [] for b in held_out_bodies)
 
 
 @pytest.mark.slow

@@ -156,7 +156,8 @@ def test_exif_rotation_is_applied_and_sizes_follow_it(client):
 def test_animated_png_and_webp_use_the_first_frame_and_say_so(client, fmt):
     r = client.post("/predict", files={"frame": ("a", animated(fmt), f"image/{fmt.lower()}")})
     assert r.status_code == 200, r.text
-    assert any("first frame" in w for w in r.json()["warnings"])
+    animated_ = [w for w in r.json()["warnings"] if w["code"] == "animated_image"]
+    assert len(animated_) == 1 and "the first frame was used" in animated_[0]["message"]
 
 
 def test_200_mb_body_is_refused_while_streaming(client):
