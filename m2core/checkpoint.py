@@ -241,7 +241,12 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
         raise CheckpointError(f"{d}: checkpoint directory not found")
     meta = _read_config(d / CONFIG)
     try:
-        mcfg = M2Config.from_dict(meta["model"])
+        if isinstance(meta.get("model"), dict) and meta["model"].get("format") == 2:
+            from m2core.model_v2 import M2ConfigV2, M2ModelV2
+
+            mcfg, build = M2ConfigV2.from_dict(meta["model"]), M2ModelV2
+        else:
+            mcfg, build = M2Config.from_dict(meta["model"]), M2Model
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{d / CONFIG}: bad model config: {e}") from e
     weights = d / WEIGHTS
@@ -251,7 +256,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
         state = load_file(weights)
     except Exception as e:  # safetensors raises its own error types for damaged files
         raise CheckpointError(f"{weights}: damaged or not a safetensors file ({e})") from e
-    model = M2Model(mcfg)
+    model = build(mcfg)
     _check_tensors(weights, state, model)
     sha = _sha256(weights)
     recorded = (meta.get("weights") or {}).get("sha256")

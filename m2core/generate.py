@@ -89,6 +89,8 @@ class GenerationResult:
     coords_next: Tensor  # (B, steps, 234) pose ids of the six future skeletons per step
     tok_rgb_next: Tensor  # (B, steps, 256) image ids of the next key frame per step
     timings: dict[str, float]  # seconds per stage: encode, coords, captions, ...
+    action: Tensor | None = None  # (B,) action ids (format-2 models)
+    confidence: dict[str, Tensor] | None = None  # per pose slot in [0, 1] (format-2 models)
 
 
 def _uniform(gens: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> Tensor:

@@ -55,7 +55,7 @@ PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 # (`action`: the clip's action id, for the model's auxiliary action head; -1 = unknown).
 LABELS = ("action",)
 IGNORE = -100
-_REG = build_registry()  # names, kinds and order only; sizes come from the arrays
+_REG = build_registry(action_classes=1)  # names, kinds and order only; sizes come from the arrays
 _NAMES = tuple(_REG)
 _KIND = {n: m.kind for n, m in _REG.items()}
 _INDEX = {n: i for i, n in enumerate(_REG)}
@@ -201,9 +201,10 @@ def mask_sample(
     for name in sample:
         if name not in _REG and name not in LABELS:
             raise ValueError(f"sample has unknown modality {name!r}; known: {list(_NAMES)}")
-    names = [n for n in _NAMES if n in sample]
     extra = {k: np.asarray(sample[k], dtype=np.int64) for k in LABELS if k in sample}
-    ids = {n: np.asarray(sample[n], dtype=np.int64) for n in names}
+    # a known action is also the one-token `action` modality (alpha 0 unless a set names it)
+    names = [n for n in _NAMES if n in sample and (n != "action" or int(extra[n]) >= 0)]
+    ids = {n: np.asarray(sample[n], dtype=np.int64).reshape(-1) for n in names}
     eligible = {n: _eligible(n, ids[n]) for n in names}
     avail = np.array([len(eligible[n]) for n in names], dtype=np.int64)
 

@@ -15,6 +15,7 @@ Token layouts (DESIGN section 2):
   `POSE_VOCAB` ids serves every component.
 - `coords_next`: the same for the six following frames, frame-major (6 x 39 = 234).
 - `captions`: GPT-2 byte-level BPE ids (compact or full vocabulary), bos ... eos.
+- `action`: one label token, the clip's action class (only with `action_classes` > 0).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal
 
-Kind = Literal["image", "pose", "text"]
+Kind = Literal["image", "pose", "text", "label"]
 
 # --- Fixed facts of the data -------------------------------------------------------------
 
@@ -142,6 +143,7 @@ def build_registry(
     image_vocab: int = DEFAULT_IMAGE_VOCAB,
     text_vocab: int = 50257 + 3,
     caption_len: int = DEFAULT_CAPTION_LEN,
+    action_classes: int = 0,
 ) -> Registry:
     """The five modalities of DESIGN section 2 for the given tokenizer vocabularies.
 
@@ -153,6 +155,7 @@ def build_registry(
             f"caption_len={caption_len}"
         )
     grid_tokens = IMAGE_GRID * IMAGE_GRID
+    label = (Modality("action", "label", 1, action_classes, True, True),) if action_classes else ()
     return Registry(
         (
             Modality("tok_rgb", "image", grid_tokens, image_vocab, True, True),
@@ -163,6 +166,7 @@ def build_registry(
                 "coords_next", "pose", FUTURE_FRAMES * TOKENS_PER_POSE, POSE_VOCAB,
                 False, True, frames=FUTURE_FRAMES,
             ),
+            *label,  # last, so the first five keep their indices
         )
     )  # fmt: skip
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from m2core.chain import generate as chain_generate
 from m2core.checkpoint import load_checkpoint
 from m2core.generate import GenerationConfig, generate
 from m2core.geometry import (
@@ -94,6 +95,8 @@ class Output:
     coords_next: np.ndarray  # (steps, 234) ids
     tok_rgb_next: np.ndarray  # (steps, 256) ids
     next_frames: np.ndarray  # (steps, 256, 256, 3) uint8
+    action: int | None = None  # format-2 models: the action id
+    confidence: tuple[np.ndarray, np.ndarray] | None = None  # (13,), (steps, 6, 13) per joint
 
 
 class M2Predictor:
@@ -271,19 +274,29 @@ class M2Predictor:
                 steps=group[0].steps, temperature=group[0].temperature,
                 seed=[it.seed for it in group],
             )  # fmt: skip
-            res = generate(b.model, inputs, cfg)
+            res = (chain_generate if hasattr(b.model, "adapters") else generate)(
+                b.model, inputs, cfg
+            )
             for row, i in enumerate(idx):
+                extra = (None, None)
+                if (
+                    res.confidence is not None
+                ):  # a joint is as sure as its less sure coordinate pair
+                    now = res.confidence["coords"][row].view(NUM_JOINTS, 3)
+                    nxt = res.confidence["coords_next"][row].view(-1, 6, NUM_JOINTS, 3)
+                    extra = (int(res.action[row]), ((now[..., 0] * now[..., 1]).cpu().numpy(),
+                                                    (nxt[..., 0] * nxt[..., 1]).cpu().numpy()))  # fmt: skip
                 results[i] = (
                     res.coords[row].cpu().numpy(), list(res.captions[row]),
-                    res.coords_next[row].cpu().numpy(), res.tok_rgb_next[row].cpu().numpy(),
+                    res.coords_next[row].cpu().numpy(), res.tok_rgb_next[row].cpu().numpy(), extra,
                 )  # fmt: skip
         # Decode every predicted key frame of the batch in one call.
         grids = np.concatenate([r[3] for r in results]).reshape(-1, IMAGE_GRID, IMAGE_GRID)
         pictures = b.image_tokenizer.decode(torch.from_numpy(grids)).cpu().numpy()
         outputs, at = [], 0
-        for it, (coords, caption, coords_next, tok_next) in zip(items, results, strict=True):
+        for it, (coords, caption, coords_next, tok_next, extra) in zip(items, results, strict=True):
             outputs.append(
-                Output(coords, caption, coords_next, tok_next, pictures[at : at + it.steps])
+                Output(coords, caption, coords_next, tok_next, pictures[at : at + it.steps], *extra)
             )
             at += it.steps
         return outputs
@@ -336,15 +349,34 @@ class M2Predictor:
             "temperature": item.temperature,
             "seed": item.seed,
             "warnings": warnings,
+            "action": self._action_name(out.action),
+            "confidence": None
+            if out.confidence is None
+            else {
+                "coords": [1.0] * NUM_JOINTS
+                if item.coords_ids is not None
+                else _rounded(out.confidence[0]),
+                "coords_next": [[_rounded(j) for j in step] for step in out.confidence[1]],
+            },
         }
         pred = Prediction(item.background_jpeg, item.thumb_scale, now, future, pngs, self.version)
         return fields, pred
+
+    def _action_name(self, action: int | None) -> str | None:
+        names = ((self.bundle.config.get("extra") or {}).get("data") or {}).get("actions") or []
+        if action is None or not 0 <= action < len(names):
+            return None
+        return str(names[action])
 
     @staticmethod
     def _to_pixels(coords: np.ndarray, box: Letterbox) -> np.ndarray:
         out = np.asarray(coords, dtype=np.float64).copy()
         out[..., :2] = box.to_image(out[..., :2])
         return out
+
+
+def _rounded(x: np.ndarray) -> list[float]:
+    return [round(float(v), 3) for v in np.asarray(x).reshape(-1)]
 
 
 def _joints(joints: np.ndarray) -> list[tuple[float, float, int]]:

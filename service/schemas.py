@@ -66,6 +66,14 @@ class Warning(BaseModel):
     message: str
 
 
+class Confidence(BaseModel):
+    """Per joint, in [0, 1]: the model's probability that the joint is within about PCK@0.05
+    of where it says (format-2 checkpoints, from each coordinate's predicted spread)."""
+
+    coords: list[float] = Field(description="13 numbers, the skeleton now (1.0 where given)")
+    coords_next: list[list[list[float]]] = Field(description="steps x 6 x 13, the forecast")
+
+
 class PredictResponse(BaseModel):
     id: str = Field(description="unguessable id of this prediction (for the GIF and PNG)")
     caption: str | None = Field(description="null when no person was found (`no_person`)")
@@ -74,6 +82,13 @@ class PredictResponse(BaseModel):
     coords_given: bool = Field(description="the skeleton was supplied, not predicted")
     coords_next: list[list[list[Joint]]] = Field(description="steps x 6 future skeletons")
     tok_rgb_next: list[list[list[int]]] = Field(description="steps x 16 x 16 image token ids")
+    action: str | None = Field(
+        default=None,
+        description="the action the model names (null for checkpoints without an action modality)",
+    )
+    confidence: Confidence | None = Field(
+        default=None, description="null for checkpoints without per-joint confidence"
+    )
     joint_names: list[str] = Field(default_factory=lambda: list(JOINT_NAMES))
     width: int = Field(description="upload width (after EXIF orientation)")
     height: int = Field(description="upload height (after EXIF orientation)")

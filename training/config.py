@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import types
 import typing
@@ -445,6 +446,18 @@ def _validate(cfg: TrainConfig) -> None:
 def model_config(cfg: TrainConfig, meta: dict[str, Any]) -> Any:
     """The m2core.model.M2Config of this run: the preset plus `model` overrides, with the
     vocabularies of the prepared data (`meta.json`) and the run's slot counts."""
+    if cfg.model.get("format") == 2:  # per-modality adapters (m2core/model_v2.py)
+        from m2core.model_v2 import M2ConfigV2
+
+        levels = json.loads((Path(cfg.data_dir) / "image_tokenizer" / "config.json").read_text())[
+            "levels"
+        ]
+        return M2ConfigV2.from_preset(
+            cfg.model_preset,
+            **{"image_levels": tuple(levels), "text_vocab": meta["text_vocab"], "caption_len": meta["caption_len"],
+               "action_classes": len(meta.get("actions") or ()) or 10, "input_tokens": cfg.input_tokens,
+               "target_tokens": cfg.target_tokens, **cfg.model},
+        )  # fmt: skip
     from m2core.model import M2Config
 
     return M2Config.from_preset(

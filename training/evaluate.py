@@ -23,6 +23,7 @@ Protocols (all on a fixed, seeded subset of the split):
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -40,7 +41,9 @@ from training.data import MaskedDataset, Shards, load_meta
 
 log = logging.getLogger(__name__)
 IGNORE = -100
-NOW = ("tok_rgb", "coords", "captions")
+NOW = ("tok_rgb", "coords", "captions", "action")
+JOINT_GROUPS = {"head": [0], "shoulders": [1, 2], "elbows": [3, 4], "wrists": [5, 6], "hips": [7, 8],
+                "knees": [9, 10], "ankles": [11, 12]}  # fmt: skip
 
 
 def full_batch(
@@ -79,6 +82,14 @@ def full_batch(
 
 
 def _ce_and_acc(model, batch) -> tuple[float, int, int]:
+    if hasattr(model, "adapters"):  # format 2: each adapter's own loss, and its read-out
+        h, ctx = model.hidden(batch)
+        name = model.names[int(batch["dec_mod"][0, 0])]
+        sel, s = model.target_slots(batch, name)
+        y = batch["dec_labels"].flatten()[sel]
+        total, n = model.adapters[name].loss(h[sel], s, y, ctx)
+        ids, _ = model.adapters[name].readout(h[sel], s, ctx)
+        return float(total), int(n), int(((ids == y) & (y >= 0)).sum())
     logits, _ = model(batch)
     (name,) = logits
     y = batch["dec_labels"].flatten()[(batch["dec_valid"]).flatten()]
@@ -111,6 +122,9 @@ def evaluate(
     bundle = load_checkpoint(checkpoint)
     model = bundle.model.eval()
     mc = model.config
+    v2 = hasattr(model, "adapters")
+    if v2:
+        from m2core.chain import generate
     for key in ("image_vocab", "text_vocab", "caption_len"):
         if getattr(mc, key) != meta[key]:
             raise ValueError(
@@ -132,18 +146,26 @@ def evaluate(
     mdata = MaskedDataset(shards, lambda s, g: mask_sample(s, mcfg, g), seed + 1)
     gen_cfg = GenerationConfig(maskgit_steps=maskgit_steps, temperature=0.0, seed=seed)
     pred_now, pred_next, pred_rgb, captions, frame_captions = [], [], [], [], []
+    steer: dict[str, list] = {"true": [], "wrong": []}
+    actions: dict[str, list] = {"from_frame": [], "given_skeleton": []}
+    conf_now: list[np.ndarray] = []
+    wgen = torch.Generator().manual_seed(seed)
     frame_next, frame_rgb = [], []
     with torch.no_grad():
         for i in tqdm(range(0, len(rows), batch_size), desc="eval", unit="batch"):
             r = rows[i : i + batch_size]
             full = shards.modalities(r)
+            truth_action = torch.as_tensor(np.asarray(A["action"][r], np.int64))
+            if v2:
+                full["action"] = truth_action[:, None]
             for target in names:
-                ins = [n for n in NOW if n != target]
+                ins = [n for n in NOW if n != target and n in names]
                 ce, n, ok = _ce_and_acc(model, full_batch(full, names, ins, target))
                 s = ce_sum[target]
                 s[0], s[1], s[2] = s[0] + ce, s[1] + n, s[2] + ok
             mb = collate([mdata[int(p)] for p in range(i, i + len(r))])
-            for name, (ce, k) in modality_ce(model(mb)[0], mb, names).items():
+            parts = model(mb)[0] if v2 else modality_ce(model(mb)[0], mb, names)
+            for name, (ce, k) in parts.items():
                 acc_ = masked.setdefault(name, [0.0, 0])
                 acc_[0], acc_[1] = acc_[0] + float(ce), acc_[1] + int(k)
             a = generate(model, {"tok_rgb": full["tok_rgb"]}, gen_cfg)  # what /predict does
@@ -155,6 +177,22 @@ def evaluate(
             pred_rgb.append(b.tok_rgb_next[:, 0].numpy())
             captions += b.captions
             frame_captions += a.captions
+            if v2:  # the label read-out, steering by action, and per-joint confidence
+                C = model.config.action_classes
+                wrong = (
+                    truth_action + 1 + torch.randint(0, C - 1, truth_action.shape, generator=wgen)
+                ) % C
+                for key, act in (("true", truth_action), ("wrong", wrong)):
+                    g = generate(
+                        model,
+                        {"tok_rgb": full["tok_rgb"], "coords": full["coords"], "action": act},
+                        gen_cfg,
+                    )
+                    steer[key].append(g.coords_next[:, 0].numpy())
+                actions["from_frame"].append(a.action.numpy())
+                actions["given_skeleton"].append(b.action.numpy())
+                conf = a.confidence["coords"].view(-1, 13, 3)
+                conf_now.append((conf[..., 0] * conf[..., 1]).numpy())
 
     gt_now = pose.decode(np.asarray(A["coords"][rows], np.int64))
     gt_next = pose.decode_future(np.asarray(A["coords_next"][rows], np.int64))
@@ -175,12 +213,24 @@ def evaluate(
                         "zero_velocity": M.forecast_metrics(M.zero_velocity(gt_now, 6), gt_next, scale),
                         "constant_velocity": M.forecast_metrics(M.constant_velocity(gt_now, gt_prev, offsets), gt_next, scale)},
         "coords": {"pck@0.05": M.pck(err_now, gt_now[..., 2] > 0.5),
+                   "pck@0.05_by_group": {g: M.pck(err_now[:, j], gt_now[:, j, 2] > 0.5) for g, j in JOINT_GROUPS.items()},
                    "flag_accuracy": float(((p_now[..., 2] > 0.5) == (gt_now[..., 2] > 0.5)).mean()),
                    "flag_all_visible": float((gt_now[..., 2] > 0.5).mean())},
         "coords_next_from_frame": {
             **M.forecast_metrics(pose.decode_future(np.concatenate(frame_next), strict=False), gt_next, scale),
             "zero_velocity": M.forecast_metrics(M.zero_velocity(p_now, 6), gt_next, scale)},
     }  # fmt: skip
+    if v2:
+        truth_a = np.asarray(A["action"][rows], np.int64)
+        report["action"] = {
+            k: float((np.concatenate(v) == truth_a).mean()) for k, v in actions.items()
+        }
+        report["steering"] = {"no_action": report["coords_next"]["ade"], **{
+            f"{k}_action": M.forecast_metrics(pose.decode_future(np.concatenate(v), strict=False), gt_next, scale)["ade"]
+            for k, v in steer.items()}}  # fmt: skip
+        report["coords"]["confidence"] = _reliability(
+            np.concatenate(conf_now), err_now < 0.05, gt_now[..., 2] > 0.5
+        )
     report["tok_rgb_next"] = _image_metrics(
         bundle, np.concatenate(pred_rgb), A, rows, batch_size, np.concatenate(frame_rgb)
     )
@@ -254,6 +304,32 @@ def _caption_metrics(
     return res
 
 
+def _reliability(
+    conf: np.ndarray, hit: np.ndarray, visible: np.ndarray, bins: int = 5
+) -> dict[str, Any]:
+    """Per-joint confidence vs "within PCK@0.05" over the visible joints: a reliability
+    table (confidence bins -> share within) and the AUROC of confidence for that event."""
+    c, y = conf[visible].astype(np.float64), hit[visible].astype(bool)
+    edges = np.linspace(0, 1, bins + 1)
+    table = []
+    for lo, hi in itertools.pairwise(edges):
+        inside = (c >= lo) & ((c < hi) | (hi == 1.0))
+        table.append({"confidence": f"{lo:.1f}-{hi:.1f}", "joints": int(inside.sum()),
+                      "within": float(y[inside].mean()) if inside.any() else float("nan"),
+                      "mean_confidence": float(c[inside].mean()) if inside.any() else float("nan")})  # fmt: skip
+    pos, neg = c[y], c[~y]
+    if len(pos) and len(neg):  # Mann-Whitney U: P(a hit's confidence > a miss's)
+        ranks = (
+            np.argsort(np.argsort(np.concatenate([pos, neg]), kind="stable"), kind="stable") + 1.0
+        )
+        auroc = float(
+            (ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
+        )
+    else:
+        auroc = float("nan")
+    return {"auroc": auroc, "table": table}
+
+
 def _nan_none(x: Any) -> Any:
     return None if isinstance(x, float) and x != x else str(x)
 
@@ -297,6 +373,25 @@ def markdown(r: dict[str, Any]) -> str:
               + (f"; visibility flags right for {_f(r['coords']['flag_accuracy'])} of the joints (marking "
                  f"every joint visible: {_f(r['coords']['flag_all_visible'])})" if "flag_accuracy" in r["coords"] else ""),
               ""]  # fmt: skip
+    groups = r["coords"].get("pck@0.05_by_group")
+    if groups:
+        lines += ["| joint group | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|",
+                  "| PCK@0.05 from the frame | " + " | ".join(_f(v) for v in groups.values()) + " |", ""]  # fmt: skip
+    conf = r["coords"].get("confidence")
+    if conf:
+        lines += [f"Per-joint confidence (the skeleton read from the frame): AUROC {_f(conf['auroc'])} for "
+                  "\"within PCK@0.05\".", "", "| confidence | joints | mean confidence | share within |",
+                  "|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {b['confidence']} | {b['joints']} | {_f(b['mean_confidence'])} | {_f(b['within'])} |"
+                  for b in conf["table"]]  # fmt: skip
+        lines.append("")
+    if "action" in r:
+        a, st = r["action"], r["steering"]
+        lines += ["## Action (`action` label)", "", "| from the frame alone | given the true skeleton |", "|---|---|",
+                  f"| {_f(a['from_frame'])} | {_f(a['given_skeleton'])} |", "",
+                  "Steering: forecast ADE given the frame and the true skeleton, with no action, the true "
+                  "action and a wrong one as input.", "", "| no action | true action | wrong action |", "|---|---|---|",
+                  f"| {_f(st['no_action'])} | {_f(st['true_action'])} | {_f(st['wrong_action'])} |", ""]  # fmt: skip
     ff = r.get("coords_next_from_frame")
     if ff:  # reports written before this section existed lack it
         lines += ["## Future skeletons from the frame alone (what `/predict` does)", ""]

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from torch import nn
+from torch import Tensor, nn
 
 from m2core.model import action_rows
 from training.data import MaskedDataset, Shards
@@ -81,6 +81,12 @@ def evaluate_ce(
         batch = to_device(collate([data[p] for p in mine[i : i + cfg.batch_size]]), acc.device)
         with acc.autocast():
             logits, _ = model(batch)
-        accumulate(sums, modality_ce(logits, batch, names))
+        # a format-2 model returns its per-modality (summed loss, count) itself
+        accumulate(
+            sums,
+            logits
+            if not isinstance(next(iter(logits.values()), None), Tensor)
+            else modality_ce(logits, batch, names),
+        )
     model.train()
     return reduce_ce(acc, sums, names)

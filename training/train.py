@@ -127,6 +127,7 @@ def train(
     """Run (or continue) the training described by `config`; see the module docstring."""
     from m2core.masking import collate, mask_sample
     from m2core.model import M2Model
+    from m2core.model_v2 import M2ConfigV2, M2ModelV2
 
     t_start = time.perf_counter()  # time_budget counts from here
     cfg = make_config(config, overrides)
@@ -173,7 +174,7 @@ def train(
 
     torch.manual_seed(cfg.seed)  # same initial weights on every process
     np.random.seed(cfg.seed)
-    model = M2Model(mcfg)
+    model = M2ModelV2(mcfg) if isinstance(mcfg, M2ConfigV2) else M2Model(mcfg)
     if cfg.init_from and resume_from is None:
         fresh = ts.load_initial_weights(cfg.init_from, model)
         if main:
@@ -187,13 +188,15 @@ def train(
             log.info("pose context warm start: %d steps, training CE %.3f, names the action of "
                      "%.1f%% of validation skeletons", cfg.context_warmup_steps, got["train_ce"],
                      100 * got["val_accuracy"])  # fmt: skip
-    if model.image_context is not None:
+    if getattr(model, "image_context", None) is not None:
         # fitted after training, from the pose context it imitates (`m2 fit-image-context`):
         # the transformer's losses never read it, so it is kept out of the optimizer
         model.image_context.requires_grad_(False)
-    if model.pose_reader is not None:  # fitted after training (`m2 fit-pose-reader`)
+    if (
+        getattr(model, "pose_reader", None) is not None
+    ):  # fitted after training (`m2 fit-pose-reader`)
         model.pose_reader.requires_grad_(False)
-    if model.motion is not None:
+    if getattr(model, "motion", None) is not None:
         # fitted after training on the skeletons alone (`m2 fit-motion`); the transformer's
         # forecast loss reads it, but trains around it, not it
         model.motion.requires_grad_(False)
@@ -242,6 +245,7 @@ def train(
         prefetch_factor=4 if cfg.num_workers else None,
     )
     names = acc.unwrap_model(model).names
+    v2 = isinstance(acc.unwrap_model(model), M2ModelV2)  # its forward returns per-modality losses
     peak = cfg.peak_flops or peak_flops(acc.device, cfg.dtype, cfg.tf32)
     stop_at = min(plan.total_steps, cfg.stop_after_steps or plan.total_steps)
     result = TrainResult(out, None, step, step * plan.tokens_per_step)
@@ -326,7 +330,7 @@ def train(
                         logits, loss = model(batch)
                     acc.backward(loss / cfg.grad_accum)
                 loss_sum += loss.detach() / cfg.grad_accum
-                accumulate(window["mods"], modality_ce(logits, batch, names))
+                accumulate(window["mods"], logits if v2 else modality_ce(logits, batch, names))
             grad_norm = (
                 acc.clip_grad_norm_(model.parameters(), cfg.clip_grad)
                 if cfg.clip_grad > 0
@@ -354,7 +358,7 @@ def train(
                 row.update(
                     {f"train/ce_{k}": v for k, v in reduce_ce(acc, window["mods"], names).items()}
                 )
-                if acc.device.type == "cuda" and peak:
+                if acc.device.type == "cuda" and peak and not v2:
                     row["mfu"] = acc.unwrap_model(model).estimate_mfu(tps / acc.num_processes, peak)
                 acc.log(row, step=step)
                 bar.set_postfix(loss=f"{row['train/loss']:.3f}", tok_s=f"{tps:,.0f}")

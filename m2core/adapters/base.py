@@ -1,0 +1,55 @@
+"""What every adapter shares: the slot view of a batch and the encoder context it reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from m2core.modalities import Modality
+
+
+@dataclass
+class Slots:
+    """The filled slots of one modality, flattened over the batch, in (sample, slot) order."""
+
+    ids: Tensor  # (n,) token ids; for queries -1 = the mask token, else a revealed token
+    pos: Tensor  # (n,) position inside the modality
+    row: Tensor  # (n,) sample index
+    batch: int  # B
+    present: Tensor | None = None  # (n,) the present token at this position, -1 = none
+
+
+@dataclass
+class Inputs:
+    """The encoder side of a batch, for adapters that read it (spatial pose read-out)."""
+
+    context: Tensor  # (B, N, D) encoder output with input positions added back
+    mod: Tensor  # (B, N) modality index of each input slot
+    pos: Tensor  # (B, N)
+    valid: Tensor  # (B, N) bool
+
+
+class Adapter(nn.Module):
+    """Base: a learned mask token and the modality entry."""
+
+    def __init__(self, mod: Modality, dim: int, **_: object):
+        super().__init__()
+        self.modality = mod
+        self.dim = dim
+        self.mask = nn.Parameter(torch.randn(dim) * 0.02)
+
+    def positions(self, pos: Tensor) -> Tensor:  # (n,) -> (n, D)
+        raise NotImplementedError
+
+    def value(self, ids: Tensor) -> Tensor:  # (n,) -> (n, D): a token's own embedding
+        raise NotImplementedError
+
+    def embed_input(self, s: Slots, ctx: Inputs | None = None) -> Tensor:
+        return self.value(s.ids) + self.positions(s.pos)
+
+    def embed_query(self, s: Slots) -> Tensor:
+        shown = s.ids >= 0
+        tok = torch.where(shown[:, None], self.value(s.ids.clamp(min=0)), self.mask)
+        return tok + self.positions(s.pos)

@@ -1,0 +1,187 @@
+"""Skeletons: in as smooth features of each coordinate plus the whole skeleton's shape, out
+as positions and visibility flags read out directly.
+
+- A coordinate token enters as a linear map of sin-cos features of its value (nearby bins
+  look alike), a flag as one of two rows; every input token of a skeleton also gets a
+  vector of the whole skeleton normalised to its own box (joints around their centre over
+  their extent): action and phase are a function of shape, not of where the person stands.
+- The skeleton now is read out where the frame is among the inputs: each x / y query
+  attends over the image tokens of the context and takes the expected cell centre, plus a
+  small regressed offset. Without a frame it is regressed from the query's state.
+- A future coordinate is the present one plus a regressed displacement.
+- Every coordinate carries a Laplace scale b: the loss is the Laplace negative
+  log-likelihood |y - mu| / b + log b (frame units), so the model says how sure it is.
+- Flags are one logit each (binary cross-entropy); a future flag starts from the present.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from m2core.adapters.base import Adapter, Inputs, Slots
+from m2core.modalities import (
+    FUTURE_FRAMES,
+    IMAGE_GRID,
+    NUM_JOINTS,
+    POSE_BINS,
+    TOKENS_PER_POSE,
+    Modality,
+)
+
+FEATURES = 64  # sin-cos features of a coordinate value
+SHAPE = NUM_JOINTS * 6 + 3  # skeleton_shape's width
+MOVE_SCALE = 0.05  # a displacement output of 1 = 5% of the frame
+B_MIN = 1e-3  # smallest Laplace scale, frame units (a quarter pixel)
+
+
+def bin_value(ids: Tensor) -> Tensor:
+    return (ids.float() + 0.5) / POSE_BINS
+
+
+def value_bin(v: Tensor) -> Tensor:
+    return (v * POSE_BINS - 0.5).round().long().clamp(0, POSE_BINS - 1)
+
+
+def skeleton_shape(ids: Tensor, pos: Tensor, row: Tensor, batch: int) -> Tensor:
+    """Slots of skeleton tokens -> (B, SHAPE): per joint x, y around the centre of the placed
+    joints over their extent (0 where absent), has-x, has-y, visible, has-flag; then the
+    centre and log extent. Joints without coordinates or flagged not visible do not place."""
+    dense = torch.full((batch, TOKENS_PER_POSE), -1, dtype=torch.long, device=ids.device)
+    dense[row, pos % TOKENS_PER_POSE] = ids
+    dense = dense.view(batch, NUM_JOINTS, 3)
+    xy, flag = dense[..., :2], dense[..., 2]
+    has_xy = (xy >= 0) & (xy < POSE_BINS)
+    has_flag = flag >= POSE_BINS
+    visible = flag == POSE_BINS + 1
+    value = bin_value(xy)
+    place = (has_xy.all(-1) & (visible | ~has_flag))[..., None]
+    centre = (value * place).sum(1) / place.sum(1).clamp(min=1)
+    hi = torch.where(place, value, -1.0).amax(1)
+    lo = torch.where(place, value, 2.0).amin(1)
+    extent = (hi - lo).amax(-1, keepdim=True).clamp(min=0.02)
+    rel = (value - centre[:, None]) / extent[:, None] * has_xy
+    flags = torch.stack([visible, has_flag], -1).float()
+    return torch.cat(
+        [torch.cat([rel, has_xy.float(), flags], -1).flatten(1), centre, extent.log()], 1
+    )
+
+
+class PoseAdapter(Adapter):
+    def __init__(self, mod: Modality, dim: int, present: Modality | None = None, **_: object):
+        super().__init__(mod, dim)
+        self.future = present is not None
+        omega = math.pi * (POSE_BINS / 8) ** (torch.arange(FEATURES // 2) / (FEATURES // 2 - 1))
+        self.register_buffer("omega", omega, persistent=False)
+        self.coord_in = nn.Linear(FEATURES, dim)
+        self.flag_in = nn.Embedding(2, dim)
+        self.frame_emb = nn.Embedding(FUTURE_FRAMES + 1, dim)
+        self.joint_emb = nn.Embedding(NUM_JOINTS, dim)
+        self.comp_emb = nn.Embedding(3, dim)
+        self.shape = (
+            nn.Sequential(nn.Linear(SHAPE, dim), nn.GELU(), nn.Linear(dim, dim))
+            if mod.can_input
+            else None
+        )
+        self.coord_out = nn.Linear(dim, 3)  # value (future: displacement), log scale, cell offset
+        self.flag_out = nn.Linear(dim, 1)
+        if not self.future:  # the spatial read-out over the frame's tokens
+            self.query_key = nn.Linear(dim, 64, bias=False)
+            self.cell_key = nn.Linear(dim, 64, bias=False)
+        else:
+            self.flag_gain = nn.Parameter(torch.tensor(3.0))
+
+    # --- values ----------------------------------------------------------------------
+    def value(self, ids: Tensor) -> Tensor:
+        is_flag = ids >= POSE_BINS
+        ang = bin_value(ids.clamp(max=POSE_BINS - 1))[:, None] * self.omega
+        coord = self.coord_in(torch.cat([ang.sin(), ang.cos()], 1))
+        flag = self.flag_in((ids - POSE_BINS).clamp(0, 1))
+        return torch.where(is_flag[:, None], flag, coord)
+
+    def positions(self, pos: Tensor) -> Tensor:
+        local = pos % TOKENS_PER_POSE
+        frame = pos // TOKENS_PER_POSE + (1 if self.future else 0)
+        return self.frame_emb(frame) + self.joint_emb(local // 3) + self.comp_emb(local % 3)
+
+    def embed_input(self, s: Slots, ctx: Inputs | None = None) -> Tensor:
+        shape = self.shape(skeleton_shape(s.ids, s.pos, s.row, s.batch))
+        return self.value(s.ids) + self.positions(s.pos) + shape[s.row]
+
+    def embed_query(self, s: Slots) -> Tensor:
+        x = super().embed_query(s)
+        if self.future and s.present is not None:
+            x = x + torch.where((s.present >= 0)[:, None], self.value(s.present.clamp(min=0)), 0.0)
+        return x
+
+    # --- outputs ---------------------------------------------------------------------
+    def predict(self, h: Tensor, s: Slots, ctx: Inputs | None) -> tuple[Tensor, Tensor, Tensor]:
+        """-> (mu (n,) frame units, Laplace scale b (n,), flag logit (n,)) of every slot."""
+        raw = self.coord_out(h).float()
+        b = B_MIN + F.softplus(raw[:, 1] - 3.0)
+        flag = self.flag_out(h).float().squeeze(1)
+        if self.future:
+            p = s.present if s.present is not None else torch.full_like(s.pos, -1)
+            start = torch.where(p < POSE_BINS, bin_value(p.clamp(min=0)), 0.5)
+            mu = torch.where(p >= 0, start, 0.5) + MOVE_SCALE * raw[:, 0]
+            vis = torch.where(p >= POSE_BINS, (p == POSE_BINS + 1).float() * 2 - 1, 0.0)
+            return mu, b, flag + self.flag_gain * vis
+        mu = torch.sigmoid(raw[:, 0])
+        if ctx is not None:
+            spatial, has = self.spatial(h, s, ctx)
+            mu = torch.where(has, spatial + raw[:, 2] / IMAGE_GRID, mu)
+        return mu, b, flag
+
+    def spatial(self, h: Tensor, s: Slots, ctx: Inputs) -> tuple[Tensor, Tensor]:
+        """Soft-argmax of each query over its sample's image cells -> (expected x or y by
+        the slot's component, whether the sample has any image cell)."""
+        is_img = ctx.valid & (ctx.mod == self.image_index)
+        B, N, _ = ctx.context.shape
+        keys = self.cell_key(ctx.context)  # (B, N, 64)
+        q = self.query_key(h)  # (n, 64)
+        scores = (q @ keys.reshape(B * N, -1).T).view(len(h), B, N)
+        scores = scores[torch.arange(len(h), device=h.device), s.row] / 8.0  # (n, N)
+        mask = is_img[s.row]
+        w = scores.float().masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
+        cell = ctx.pos.float()
+        cx, cy = (cell % IMAGE_GRID + 0.5) / IMAGE_GRID, (cell // IMAGE_GRID + 0.5) / IMAGE_GRID
+        comp = s.pos % 3
+        centre = torch.where((comp == 0)[:, None], cx[s.row], cy[s.row])
+        return (w * centre).sum(-1), mask.any(-1)
+
+    image_index: int = 0  # set by the model: the registry index of the present frame
+
+    def loss(
+        self, h: Tensor, s: Slots, labels: Tensor, ctx: Inputs | None = None
+    ) -> tuple[Tensor, Tensor]:
+        keep = labels >= 0
+        mu, b, flag = self.predict(h, s, ctx)
+        is_flag = labels >= POSE_BINS
+        y = bin_value(labels.clamp(0, POSE_BINS - 1))
+        nll = (y - mu).abs() / b + b.log()
+        bce = F.binary_cross_entropy_with_logits(
+            flag, (labels == POSE_BINS + 1).float(), reduction="none"
+        )
+        per = torch.where(is_flag, bce, nll)
+        return (per * keep).sum(), keep.sum()
+
+    def readout(
+        self,
+        h: Tensor,
+        s: Slots,
+        ctx: Inputs | None = None,
+        temperature: float = 0.0,
+        gens: list[torch.Generator] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """-> ids (coordinate bins, or the flag ids) and a confidence per slot: for a
+        coordinate the probability, under its Laplace, of being within 2% of the frame
+        (about PCK@0.05 for a person filling half of it); for a flag max(p, 1 - p)."""
+        mu, b, flag = self.predict(h, s, ctx)
+        is_flag = (s.pos % 3) == 2
+        p = torch.sigmoid(flag)
+        ids = torch.where(is_flag, POSE_BINS + (p > 0.5).long(), value_bin(mu.clamp(0, 1)))
+        conf = torch.where(is_flag, torch.maximum(p, 1 - p), 1 - torch.exp(-0.02 / b))
+        return ids, conf

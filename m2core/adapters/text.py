@@ -1,0 +1,51 @@
+"""Captions: a token table, a tied head, 1D sin-cos positions; learned left to right."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from m2core.adapters.base import Adapter, Inputs, Slots
+from m2core.blocks import sincos_1d
+from m2core.modalities import Modality
+
+
+class TextAdapter(Adapter):
+    def __init__(self, mod: Modality, dim: int, **_: object):
+        super().__init__(mod, dim)
+        del self.mask  # a caption query always carries a token (teacher forcing), never the mask
+        self.table = nn.Embedding(mod.vocab_size, dim)
+        nn.init.normal_(self.table.weight, std=0.02)
+        self.register_buffer("pos_table", sincos_1d(mod.num_tokens, dim), persistent=False)
+
+    def value(self, ids: Tensor) -> Tensor:
+        return self.table(ids)
+
+    def positions(self, pos: Tensor) -> Tensor:
+        return self.pos_table[pos]
+
+    def embed_query(self, s: Slots) -> Tensor:  # the previous token (bos at a span start)
+        return self.value(s.ids) + self.positions(s.pos)
+
+    def logits(self, h: Tensor) -> Tensor:
+        return (h @ self.table.weight.T).float()
+
+    def loss(
+        self, h: Tensor, s: Slots, labels: Tensor, ctx: Inputs | None = None
+    ) -> tuple[Tensor, Tensor]:
+        keep = labels >= 0
+        ce = F.cross_entropy(self.logits(h), labels.clamp(min=0), reduction="none")
+        return (ce * keep).sum(), keep.sum()
+
+    def readout(
+        self,
+        h: Tensor,
+        s: Slots,
+        ctx: Inputs | None = None,
+        temperature: float = 0.0,
+        gens: list[torch.Generator] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        p = self.logits(h).softmax(-1)
+        conf, ids = p.max(-1)
+        return ids, conf

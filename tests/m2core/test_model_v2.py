@@ -1,0 +1,362 @@
+"""The format-2 model (m2core/model_v2.py): each adapter learns, every parameter trains,
+chained generation, checkpoints, the pose read-out and the config's refusals."""
+
+import numpy as np
+import pytest
+import torch
+
+from m2core.adapters import build_adapter
+from m2core.adapters.pose import bin_value
+from m2core.chain import generate
+from m2core.checkpoint import load_checkpoint, save_checkpoint
+from m2core.generate import GenerationConfig
+from m2core.masking import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    AlphaSet,
+    MaskingConfig,
+    collate,
+    mask_sample,
+    random_sample,
+)
+from m2core.modalities import POSE_BINS
+from m2core.model_v2 import M2ConfigV2, M2ModelV2
+
+IMAGE_VOCAB, TEXT_VOCAB, CAPTION_LEN, ACTIONS = 64, 300, 12, 5
+TINY = {
+    "dim": 32,
+    "enc_layers": 1,
+    "dec_layers": 1,
+    "heads": 2,
+    "image_levels": (4, 4, 4),
+    "text_vocab": TEXT_VOCAB,
+    "caption_len": CAPTION_LEN,
+    "action_classes": ACTIONS,
+    "input_tokens": 64,
+    "target_tokens": 64,
+}
+
+
+def _model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return M2ModelV2(M2ConfigV2(**{**TINY, **kw}))
+
+
+def _raw(rng, action):
+    """A random sample with an action, whose future skeletons are the present one moved by
+    up to ~4% of the frame (what the future pose adapter is built to learn)."""
+    s = random_sample(rng, IMAGE_VOCAB, TEXT_VOCAB, CAPTION_LEN, caption_tokens=CAPTION_LEN - 2)
+    s["action"] = np.int64(action)
+    nxt = np.tile(s["coords"], 6)
+    xy = np.arange(len(nxt)) % 3 != 2
+    nxt[xy] = np.clip(nxt[xy] + rng.integers(-300, 300, xy.sum()), 0, POSE_BINS - 1)
+    s["coords_next"] = nxt
+    return s
+
+
+def _batch(*sets, n=4, seed=0, reveal=0.0):
+    """n samples; sample i is masked with alpha set i % len(sets)."""
+    rng = np.random.default_rng(seed)
+    cfgs = [MaskingConfig(64, 64, (a,), reveal_prob=reveal) for a in sets]
+    return collate(
+        [mask_sample(_raw(rng, i % ACTIONS), cfgs[i % len(cfgs)], rng) for i in range(n)]
+    )
+
+
+def _hidden(model, batch):
+    """The forward pass up to the decoder output: -> (context, h (B * T, D))."""
+    ctx, cross = model.encode(
+        batch["enc_ids"], batch["enc_mod"], batch["enc_pos"], batch["enc_valid"]
+    )
+    q, mod, pos, valid = batch["dec_query"], batch["dec_mod"], batch["dec_pos"], batch["dec_valid"]
+    x = model.embed(q, mod, pos, valid, query=True, prior=batch["dec_prior"])
+    return ctx, model.decode(
+        x, model.context_kv(ctx), cross, model.target_mask(mod, valid)
+    ).flatten(0, 1)
+
+
+@torch.no_grad()
+def _readout(model, batch, name):
+    """-> (read-out ids, labels, Slots) of one target modality's slots."""
+    ctx, h = _hidden(model, batch)
+    q, mod, pos, valid = batch["dec_query"], batch["dec_mod"], batch["dec_pos"], batch["dec_valid"]
+    sel, s = model.slots(name, q, mod, pos, valid, batch["dec_prior"])
+    ids, conf = model.adapters[name].readout(h[sel], s, ctx)
+    assert ((conf >= 0) & (conf <= 1)).all()
+    return ids, batch["dec_labels"].flatten()[sel], s
+
+
+def _mean_losses(model, batch):
+    with torch.no_grad():
+        parts, _ = model(batch)
+    return {k: (total / n).item() for k, (total, n) in parts.items()}
+
+
+def _fit(model, batch, steps, lr=3e-3):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    for _ in range(steps):
+        _, loss = model(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+# --- 1. each adapter kind overfits one batch ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "inputs, target",
+    [({"tok_rgb": 1.0}, "tok_rgb_next"), ({"coords": 1.0, "captions": 1.0}, "tok_rgb")],
+)
+def test_image_adapter_overfits_a_batch(inputs, target):
+    batch, model = _batch(AlphaSet(inputs, {target: 1.0})), _model()
+    before = _mean_losses(model, batch)
+    assert set(before) == {target}
+    _fit(model, batch, 100)
+    after = _mean_losses(model, batch)
+    assert after[target] < 0.3 * before[target], (before, after)
+    ids, labels, _ = _readout(model, batch, target)
+    assert len(ids) == 4 * 64
+    assert (ids == labels).float().mean() > 0.6
+
+
+def test_pose_adapter_overfits_a_batch():
+    batch, model = (
+        _batch(AlphaSet({"tok_rgb": 1.0}, {"coords": 1.0, "coords_next": 1.0}), n=2),
+        _model(),
+    )
+    before = _mean_losses(model, batch)
+    assert set(before) == {"coords", "coords_next"}
+    _fit(model, batch, 200)
+    after = _mean_losses(model, batch)
+    for name in ("coords", "coords_next"):  # Laplace NLL (and flag BCE), nats per slot
+        assert after[name] < before[name] - 1.5, (name, before, after)
+        ids, labels, s = _readout(model, batch, name)
+        xy = s.pos % 3 != 2
+        err = (bin_value(ids[xy]) - bin_value(labels[xy])).abs()  # frame units
+        assert err.median() < 0.01, (name, err.median())
+        assert (err < 0.02).float().mean() > 0.75, (name, (err < 0.02).float().mean())
+        assert (ids[~xy] == labels[~xy]).float().mean() > 0.7, name  # visibility flags
+
+
+def test_text_adapter_overfits_a_batch():
+    batch, model = _batch(AlphaSet({"tok_rgb": 1.0}, {"captions": 1.0})), _model()
+    before = _mean_losses(model, batch)
+    assert set(before) == {"captions"}
+    _fit(model, batch, 80)
+    after = _mean_losses(model, batch)
+    assert after["captions"] < 0.2 * before["captions"], (before, after)
+    ids, labels, _ = _readout(model, batch, "captions")
+    assert len(ids) == 4 * (CAPTION_LEN - 1)  # every token after bos, eos included
+    assert (ids == labels).float().mean() > 0.9
+
+
+def test_label_adapter_overfits_a_batch():
+    batch, model = _batch(AlphaSet({"tok_rgb": 1.0}, {"action": 1.0}), n=5), _model()
+    before = _mean_losses(model, batch)
+    assert set(before) == {"action"}
+    _fit(model, batch, 60)
+    after = _mean_losses(model, batch)
+    assert after["action"] < 0.2 * before["action"], (before, after)
+    ids, labels, _ = _readout(model, batch, "action")
+    assert labels.tolist() == [0, 1, 2, 3, 4]
+    assert torch.equal(ids, labels)
+
+
+# --- 2. every parameter trains --------------------------------------------------------------
+
+
+def test_every_parameter_receives_a_gradient():
+    """Three samples that together put every modality in as an input and out as a target
+    (each set's modalities fit the budgets whole, so the split is not left to chance)."""
+    sets = (
+        AlphaSet(
+            {"coords": 1.0, "captions": 1.0, "action": 1.0},
+            {"tok_rgb_next": 1.0, "coords_next": 1.0},
+        ),
+        AlphaSet({"tok_rgb": 1.0}, {"coords": 1.0, "captions": 1.0, "action": 1.0}),
+        AlphaSet({"captions": 1.0}, {"tok_rgb": 1.0}),
+    )
+    batch, model = _batch(*sets, n=3, reveal=1.0), _model()
+    inputs = set(batch["enc_mod"][batch["enc_valid"]].tolist())
+    targets = set(batch["dec_mod"][batch["dec_valid"] & (batch["dec_labels"] >= 0)].tolist())
+    reg = model.config.registry()
+    assert inputs == {model.names.index(n) for n in reg.inputs}
+    assert targets == set(range(len(model.names)))
+    _, loss = model(batch)
+    loss.backward()
+    dead = [
+        n for n, p in model.named_parameters() if p.grad is None or not bool(p.grad.abs().sum() > 0)
+    ]
+    assert not dead, f"parameters without a gradient: {dead}"
+
+
+# --- 3. chained generation ------------------------------------------------------------------
+
+
+def _gen_inputs(B=3):
+    rng = np.random.default_rng(7)
+    raws = [random_sample(rng, IMAGE_VOCAB, TEXT_VOCAB, CAPTION_LEN) for _ in range(B)]
+    rgb = torch.tensor(np.stack([r["tok_rgb"] for r in raws]))
+    coords = torch.tensor(np.stack([r["coords"] for r in raws]))
+    return rgb, coords
+
+
+def test_chain_generate_shapes_given_inputs_and_seeds():
+    model = _model().eval()
+    rgb, coords = _gen_inputs()
+    coords[1] = -1  # sample 1: no skeleton given
+    action = torch.tensor([2, -1, 4])
+    cfg = GenerationConfig(steps=2, maskgit_steps=3, temperature=1.0)
+    r = generate(model, {"tok_rgb": rgb, "coords": coords, "action": action}, cfg)
+    assert r.coords.shape == (3, 39)
+    assert r.coords_next.shape == (3, 2, 234)
+    assert r.tok_rgb_next.shape == (3, 2, 256)
+    assert r.action.shape == (3,)
+    conf = r.confidence["coords"]
+    assert conf.shape == (3, 39) and ((conf >= 0) & (conf <= 1)).all()
+    assert r.confidence["coords_next"].shape == (3, 2, 234)
+    assert len(r.captions) == 3
+    # given modalities are kept; generated ones are well-formed
+    assert torch.equal(r.coords[[0, 2]], coords[[0, 2]])
+    assert (conf[[0, 2]] == 1).all()
+    assert r.action[0] == 2 and r.action[2] == 4 and 0 <= r.action[1] < ACTIONS
+    for pose in (r.coords[1], r.coords_next.reshape(-1)):
+        pose = pose.view(-1, 3)
+        assert ((pose[:, :2] >= 0) & (pose[:, :2] < POSE_BINS)).all()
+        assert ((pose[:, 2] == POSE_BINS) | (pose[:, 2] == POSE_BINS + 1)).all()
+    assert ((r.tok_rgb_next >= 0) & (r.tok_rgb_next < IMAGE_VOCAB)).all()
+    # same seed, same result
+    again = generate(model, {"tok_rgb": rgb, "coords": coords, "action": action}, cfg)
+    for key in ("coords", "coords_next", "tok_rgb_next", "action"):
+        assert torch.equal(getattr(r, key), getattr(again, key)), key
+    assert r.captions == again.captions
+
+
+def test_chain_generate_without_future_and_bad_action():
+    model = _model().eval()
+    rgb, _ = _gen_inputs(2)
+    r = generate(model, {"tok_rgb": rgb}, GenerationConfig(steps=0))
+    assert r.coords.shape == (2, 39) and r.action.shape == (2,)
+    assert r.coords_next.shape == (2, 0, 234) and r.tok_rgb_next.shape == (2, 0, 256)
+    assert r.confidence["coords_next"].shape == (2, 0, 234)
+    for bad in ([ACTIONS, 0], [0, -2], [0]):
+        with pytest.raises(ValueError, match="action"):
+            generate(
+                model, {"tok_rgb": rgb, "action": torch.tensor(bad)}, GenerationConfig(steps=0)
+            )
+
+
+def test_chain_caption_with_kv_cache_matches_the_teacher_forced_decoder():
+    """The greedy caption of generate (token by token, keys/values cached) is the argmax
+    of the training-time decoder (all queries at once, causal mask) at every position."""
+    model = _model(seed=1).eval()
+    rgb, coords = _gen_inputs(2)
+    action = torch.tensor([1, 3])
+    r = generate(
+        model, {"tok_rgb": rgb, "coords": coords, "action": action}, GenerationConfig(steps=0)
+    )
+    names = model.names
+    enc = [(rgb, "tok_rgb"), (coords, "coords"), (action[:, None], "action")]
+    ids = torch.cat([x for x, _ in enc], 1)
+    mod = torch.cat([torch.full_like(x, names.index(n)) for x, n in enc], 1)
+    pos = torch.cat([torch.arange(x.shape[1]).expand_as(x) for x, _ in enc], 1)
+    ctx, cross = model.encode(ids, mod, pos, torch.ones_like(ids, dtype=torch.bool))
+    for row, caption in enumerate(r.captions):
+        target = caption + ([EOS_ID] if len(caption) < CAPTION_LEN - 1 else [])
+        query = torch.tensor([[BOS_ID, *target[:-1]]])
+        qmod = torch.full_like(query, names.index("captions"))
+        qpos = torch.arange(1, query.shape[1] + 1)[None]
+        valid = torch.ones_like(query, dtype=torch.bool)
+        one = type(ctx)(
+            ctx.context[row : row + 1], mod[:1], pos[:1], valid.new_ones(1, ids.shape[1])
+        )
+        with torch.no_grad():
+            x = model.embed(query, qmod, qpos, valid, query=True)
+            h = model.decode(x, model.context_kv(one), cross, model.target_mask(qmod, valid))
+            logits = model.adapters["captions"].logits(h[0])
+        logits[:, [PAD_ID, BOS_ID]] = float("-inf")
+        assert logits.argmax(-1).tolist() == target
+
+
+# --- 4. checkpoints -------------------------------------------------------------------------
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = _model(seed=3).eval()
+    sets = (AlphaSet({"tok_rgb": 1.0, "coords": 1.0, "action": 1.0},
+                     {"captions": 1.0, "coords_next": 1.0, "tok_rgb_next": 1.0}),)  # fmt: skip
+    batch = _batch(*sets, n=2, reveal=0.5)
+    save_checkpoint(tmp_path / "ckpt", model)
+    loaded = load_checkpoint(tmp_path / "ckpt").model
+    assert type(loaded) is M2ModelV2 and loaded.config == model.config
+    with torch.no_grad():
+        (a, la), (b, lb) = model(batch), loaded(batch)
+    assert a.keys() == b.keys() and len(a) == 3
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    torch.testing.assert_close(la, lb, rtol=0, atol=0)
+
+
+# --- 5. pose read-out ---------------------------------------------------------------------
+
+
+def test_pose_readout_ids_are_valid_bins_and_flags():
+    batch, model = (
+        _batch(AlphaSet({"tok_rgb": 1.0}, {"coords": 1.0, "coords_next": 1.0}), n=2),
+        _model(),
+    )
+    for scale in (1.0, 100.0):  # also with outputs far outside the frame
+        with torch.no_grad():
+            for name in ("coords", "coords_next"):
+                out = model.adapters[name].coord_out
+                out.weight.mul_(scale)
+                out.bias.copy_(torch.linspace(-scale, scale, 3))
+        for name in ("coords", "coords_next"):
+            ids, _, s = _readout(model, batch, name)
+            assert len(ids) > 0
+            flag = s.pos % 3 == 2
+            assert flag.any() and (~flag).any()
+            assert ((ids[~flag] >= 0) & (ids[~flag] < POSE_BINS)).all(), (name, scale)
+            assert ((ids[flag] == POSE_BINS) | (ids[flag] == POSE_BINS + 1)).all(), (name, scale)
+
+
+def test_future_pose_with_no_displacement_is_the_present():
+    batch, model = _batch(AlphaSet({"tok_rgb": 1.0}, {"coords_next": 1.0}), n=2), _model()
+    future = model.adapters["coords_next"]
+    with torch.no_grad():
+        for p in (*future.coord_out.parameters(), *future.flag_out.parameters()):
+            p.zero_()
+    ids, _, s = _readout(model, batch, "coords_next")
+    assert len(ids) == 2 * 64 and (s.present >= 0).all()
+    flag = s.pos % 3 == 2
+    assert ((ids[~flag] - s.present[~flag]).abs() <= 1).all()
+    assert torch.equal(ids[flag], s.present[flag])  # a future flag starts from the present one
+
+
+# --- 6. config ------------------------------------------------------------------------------
+
+
+def test_config_rejects_bad_values():
+    M2ConfigV2(**TINY)  # the baseline is fine
+    with pytest.raises(ValueError, match="format"):
+        M2ConfigV2(**TINY, format=1)
+    with pytest.raises(ValueError, match="format"):
+        M2ConfigV2.from_dict({**TINY, "format": 1})
+    for levels in ((), (0, 8), (1, 64), (-4, -4)):  # an FSQ digit needs >= 2 levels
+        with pytest.raises(ValueError, match="image"):
+            M2ConfigV2(**{**TINY, "image_levels": levels})
+    # an image adapter whose levels' product disagrees with its modality's vocabulary
+    reg = M2ConfigV2(**TINY).registry()
+    with pytest.raises(ValueError, match="do not multiply"):
+        build_adapter(reg["tok_rgb"], 32, (4, 4), None)
+    with pytest.raises(ValueError, match="unknown model config keys"):
+        M2ConfigV2.from_dict({**TINY, "image_vocab": 64})
+    with pytest.raises(ValueError, match="heads"):
+        M2ConfigV2(**{**TINY, "heads": 3})
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="action_classes"):
+            M2ConfigV2(**{**TINY, "action_classes": bad})
+    cfg = M2ConfigV2(**TINY)
+    assert M2ConfigV2.from_dict(cfg.to_dict()) == cfg
