@@ -35,7 +35,7 @@ from training.config import (  # noqa: E402
     masking_config,
     model_config,
 )
-from training.data import MaskedDataset, Shards, StepSampler, load_meta  # noqa: E402
+from training.data.shards import MaskedDataset, Shards, StepSampler, load_meta  # noqa: E402
 from training.export import peak_flops  # noqa: E402
 from training.train import param_groups  # noqa: E402
 

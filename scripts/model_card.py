@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from training.evaluate import markdown
+from training.eval.evaluate import markdown
 
 
 def _read(path: Path) -> Any:

@@ -19,7 +19,7 @@ from starlette.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
-from training.synth import render_clip, sample_spec
+from training.synth.synth import render_clip, sample_spec
 
 
 def main(argv: list[str] | None = None) -> int:

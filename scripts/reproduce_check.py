@@ -15,9 +15,9 @@ import json
 import sys
 from pathlib import Path
 
-from training.evaluate import evaluate
-from training.prepare import PrepareOptions, prepare
-from training.synth import generate
+from training.data.prepare import PrepareOptions, prepare
+from training.eval.evaluate import evaluate
+from training.synth.synth import generate
 
 
 def main(argv: list[str] | None = None) -> int:

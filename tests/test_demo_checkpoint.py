@@ -20,8 +20,8 @@ from starlette.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
-from training.synth import ACTIONS, render_clip, sample_spec
-from training.synth_text import action_from_caption
+from training.synth.synth import ACTIONS, render_clip, sample_spec
+from training.synth.text import action_from_caption
 
 DEMO = Path(__file__).resolve().parents[1] / "checkpoints" / "m2-demo"
 HELD_OUT_SEED = 90210  # the demo's clips come from seed 0
@@ -143,9 +143,9 @@ def test_a_frame_with_nobody_gets_no_caption_and_says_so(client, held_out_bodies
 
 @pytest.mark.slow
 def test_eval_on_the_bundled_checkpoint_reproduces_the_model_card(tmp_path):
-    from training.evaluate import evaluate
-    from training.prepare import PrepareOptions, prepare
-    from training.synth import generate
+    from training.data.prepare import PrepareOptions, prepare
+    from training.eval.evaluate import evaluate
+    from training.synth.synth import generate
 
     spec = json.loads((DEMO / "reproduce.json").read_text())
     generate(tmp_path / "synth", spec["clips"], seed=spec["seed"], workers=2,

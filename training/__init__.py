@@ -1,1 +1,1 @@
-"""training: synthetic data, dataset readers, prepare, training, evaluation, the m2 CLI."""
+"""training: `train.py` (config, checkpoints, losses), `m2 export`, the m2 CLI; synth/, data/, tokenizer/, eval/."""

@@ -15,12 +15,12 @@ import sys
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("training.synth", "render synthetic clips in the Penn Action layout"),
-    "contact-sheet": ("training.contact_sheet", "draw skeletons over frames of several clips"),
-    "train-tokenizer": ("training.train_tokenizer", "train the image tokenizer"),
-    "eval-tokenizer": ("training.eval_tokenizer", "score an image tokenizer on held-out clips"),
-    "tokenize-image": ("training.tokenize_image", "round-trip an image through the tokenizer"),
-    "prepare": ("training.prepare", "raw clips -> token shards"),
+    "synth": ("training.synth.synth", "render synthetic clips in the Penn Action layout"),
+    "contact-sheet": ("training.eval.contact_sheet", "draw skeletons over frames of several clips"),
+    "train-tokenizer": ("training.tokenizer.train", "train the image tokenizer"),
+    "eval-tokenizer": ("training.eval.tokenizer", "score an image tokenizer on held-out clips"),
+    "tokenize-image": ("training.data.tokenize_image", "round-trip an image through the tokenizer"),
+    "prepare": ("training.data.prepare", "raw clips -> token shards"),
     "train": ("training.train", "train M2 (same as accelerate launch training/train.py)"),
     "export": ("training.export", "serving checkpoint from a training checkpoint"),
     "fit-image-context": (
@@ -39,7 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "training.next_frame",
         "fit a checkpoint's next-frame head (the next key frame)",
     ),
-    "eval": ("training.evaluate", "evaluate a checkpoint against baselines"),
+    "eval": ("training.eval.evaluate", "evaluate a checkpoint against baselines"),
     "serve": ("service.cli", "serve a checkpoint over HTTP"),
     "predict": ("service.predict_cli", "predict from one frame, locally or via a server"),
 }

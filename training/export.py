@@ -117,7 +117,7 @@ def export_training_checkpoint(path: Path, out: Path, data_dir: Path | None = No
 
     from m2core.model import M2Model
     from training.config import make_config, model_config
-    from training.data import load_meta
+    from training.data.shards import load_meta
     from training.train_state import STATE_FILE
 
     state_file = path / STATE_FILE

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from m2core.model import M2Model, skeleton_features
-from training.data import Shards
+from training.data.shards import Shards
 from training.pose_context import fit_alone, require_arrays
 
 # Weight of the mean squared distance to the pose context's hidden layer, beside the action

@@ -11,7 +11,7 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 
 from m2core.model import action_rows
-from training.data import MaskedDataset, Shards
+from training.data.shards import MaskedDataset, Shards
 
 IGNORE = -100
 

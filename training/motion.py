@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from m2core.modalities import FUTURE_FRAMES, NUM_JOINTS, POSE_BINS
 from m2core.model import M2Model, skeleton_features
-from training.data import Shards
+from training.data.shards import Shards
 from training.pose_context import fit_alone, read_share_or_default, require_arrays
 
 

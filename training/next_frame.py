@@ -27,7 +27,7 @@ import torch
 
 from m2core.modalities import FUTURE_FRAMES, NUM_JOINTS, POSE_BINS
 from m2core.model import M2Model, pose_points
-from training.data import Shards
+from training.data.shards import Shards
 from training.pose_context import fit_alone, read_share_or_default, require_arrays
 
 MARGINS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)  # nats, tried on validation frames

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from m2core.modalities import TOKENS_PER_POSE
 from m2core.model import M2Model, skeleton_features
-from training.data import Shards
+from training.data.shards import Shards
 
 
 def _batch(shards: Shards, rows: np.ndarray, rng: np.random.Generator, drop: bool):

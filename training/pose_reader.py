@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from m2core.modalities import NUM_JOINTS, POSE_BINS
 from m2core.model import M2Model, pose_points
-from training.data import Shards
-from training.metrics import normalised_errors, pck, person_scale
+from training.data.shards import Shards
+from training.eval.metrics import normalised_errors, pck, person_scale
 from training.pose_context import fit_alone, require_arrays
 
 

@@ -19,7 +19,7 @@ import torch
 
 from m2core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from m2core.model import M2Config, M2Model
-from training.data import Shards
+from training.data.shards import Shards
 
 # (model, train, val or None, steps, seed, batch size, **the options' values) -> figures
 Fit = Callable[..., dict[str, float]]

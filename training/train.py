@@ -7,7 +7,7 @@
 One step, as nanoGPT lays it out: set the lr (a function of tokens) -> micro-steps
 (forward, backward; gradients synchronised on the last) -> clip -> optimizer step ->
 log (loss per modality, tokens/s, data wait, MFU on GPU) -> evaluate / checkpoint at
-their token intervals. The samples of step k are fixed by (seed, k) (training/data.py),
+their token intervals. The samples of step k are fixed by (seed, k) (training/data/shards.py),
 so a resumed run (`resume=auto`) continues exactly as if it had not stopped, and 1 process
 x 2 accumulation steps matches 2 processes. At the end the serving checkpoint goes to
 `output_dir/final/` (model + both tokenizers + MODEL_CARD.md).
@@ -51,7 +51,7 @@ from training.config import (
     model_config,
     with_total_steps,
 )
-from training.data import MaskedDataset, Shards, StepSampler, load_meta
+from training.data.shards import MaskedDataset, Shards, StepSampler, load_meta
 from training.export import export_serving_checkpoint, peak_flops
 from training.losses import accumulate, evaluate_ce, modality_ce, reduce_ce, to_device
 from training.trackers import available_trackers

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from m2core.tokenizers.text import TextTokenizer
-from training import metrics as M
-from training.evaluate import evaluate, main
+from training.eval import metrics as M
+from training.eval.evaluate import evaluate, main
 
 
 def test_pck_ade_fde_by_hand():
@@ -74,8 +74,8 @@ def test_caption_names_the_action():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path]:
     from m2core.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
-    from training.prepare import PrepareOptions, prepare
-    from training.synth import generate
+    from training.data.prepare import PrepareOptions, prepare
+    from training.synth.synth import generate
     from training.train import train
 
     tmp = tmp_path_factory.mktemp("eval")

@@ -11,8 +11,8 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from training.penn_action import Clip, iter_clips, list_clips, parse_label, read_clip
-from training.synth import generate
+from training.data.penn_action import Clip, iter_clips, list_clips, parse_label, read_clip
+from training.synth.synth import generate
 
 
 def _write_clip(root: Path, cid: str, n: int, size: tuple[int, int], *, bbox_rows: int | None,

@@ -15,14 +15,14 @@ from m2core.geometry import letterbox, load_image
 from m2core.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
 from m2core.tokenizers.pose import PoseTokenizer
 from m2core.tokenizers.text import TextTokenizer
-from training.penn_action import read_clip
-from training.prepare import ARRAYS, PrepareOptions, assign_splits, main, prepare
-from training.prepare_clip import PIXEL_CENTRE, future_offsets, key_frames
+from training.data.penn_action import read_clip
+from training.data.prepare import ARRAYS, PrepareOptions, assign_splits, main, prepare
+from training.data.prepare_clip import PIXEL_CENTRE, future_offsets, key_frames
 
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> Path:
-    from training.synth import generate
+    from training.synth.synth import generate
 
     root = tmp_path_factory.mktemp("synth")
     generate(root, clips=6, seed=0, workers=1, frames=(20, 26), progress=False)
@@ -222,7 +222,7 @@ def _tiny_blip(path: Path) -> None:
 
 
 def test_blip_captioner_from_a_local_checkpoint(synth, tokenizer, tmp_path):
-    from training.captioners import BlipCaptioner
+    from training.data.captioners import BlipCaptioner
 
     blip = tmp_path / "blip"
     _tiny_blip(blip)

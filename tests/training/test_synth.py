@@ -12,10 +12,17 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from training import contact_sheet, synth
-from training.synth import ACTIONS, action_from_caption, action_keywords, generate, sample_spec
-from training.synth_render import background, render_frame
-from training.synth_text import caption
+from training.eval import contact_sheet
+from training.synth import synth
+from training.synth.render import background, render_frame
+from training.synth.synth import (
+    ACTIONS,
+    action_from_caption,
+    action_keywords,
+    generate,
+    sample_spec,
+)
+from training.synth.text import caption
 
 FRAMES = (6, 8)
 

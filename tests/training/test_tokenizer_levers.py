@@ -14,9 +14,9 @@ from penn_layout import write_label
 from PIL import Image, ImageDraw
 
 from m2core.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
-from training import tokenizer_data as data
-from training.eval_tokenizer import main as eval_main
-from training.train_tokenizer import load_config, recon_loss, sample_batch, train
+from training.eval.tokenizer import main as eval_main
+from training.tokenizer import data
+from training.tokenizer.train import load_config, recon_loss, sample_batch, train
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = 128  # frames are 128x128, letterboxed to 256x256 (scale 2)

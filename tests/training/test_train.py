@@ -24,8 +24,8 @@ TINY = {
 
 
 def _prepare(tmp: Path, tokenizer: Path, clips: int = 4) -> Path:
-    from training.prepare import PrepareOptions, prepare
-    from training.synth import generate
+    from training.data.prepare import PrepareOptions, prepare
+    from training.synth.synth import generate
 
     generate(tmp / "synth", clips=clips, seed=1, workers=1, frames=(20, 24), progress=False)
     prepare(PrepareOptions(tmp / "synth", tokenizer, tmp / "prep", workers=0, val_fraction=0.3))
@@ -46,15 +46,15 @@ def prepared(tmp_path_factory) -> Path:
 def test_end_to_end_synth_tokenizer_prepare_train_eval(tmp_path):
     from m2core.checkpoint import load_checkpoint
     from m2core.generate import GenerationConfig, generate
-    from training.evaluate import main as eval_main
-    from training.synth import generate as synth
-    from training.train_tokenizer import main as tok_main
+    from training.eval.evaluate import main as eval_main
+    from training.synth.synth import generate as synth
+    from training.tokenizer.train import main as tok_main
 
     synth(tmp_path / "synth", clips=3, seed=2, workers=1, frames=(20, 22), progress=False)
     assert tok_main(["--data", str(tmp_path / "synth"), "--out", str(tmp_path / "tok"), "steps=2",
                      "batch_size=2", "channels=[8,8,16,16]", "res_blocks=0", "levels=[4,4]",
                      "val_frames=2", "eval_frames=2", "max_train_frames=16"]) == 0  # fmt: skip
-    from training.prepare import main as prep_main
+    from training.data.prepare import main as prep_main
 
     assert prep_main(["--data", str(tmp_path / "synth"), "--tokenizer", str(tmp_path / "tok"),
                       "--out", str(tmp_path / "prep"), "--workers", "0", "--val-fraction", "0.4"]) == 0  # fmt: skip
@@ -311,7 +311,7 @@ def test_pose_context_warm_start_and_action_head_in_a_run(prepared, tmp_path):
     rest of the model, and the context's zero output layer, untouched); a run with the
     action head logs its CE; too few action_classes for the data is a clear error."""
     from m2core.model import M2Config, M2Model
-    from training.data import Shards, load_meta
+    from training.data.shards import Shards, load_meta
     from training.pose_context import warm_start
 
     meta = load_meta(prepared)
@@ -388,7 +388,7 @@ def test_image_context_fit_and_cli(prepared, tmp_path, capsys):
     from m2core.checkpoint import save_checkpoint
     from m2core.generate import GenerationConfig, generate
     from m2core.model import M2Config, M2Model
-    from training.data import Shards, load_meta
+    from training.data.shards import Shards, load_meta
     from training.image_context import fit
     from training.image_context import main as fit_main
     from training.pose_context import warm_start as pose_warm_start
@@ -456,7 +456,7 @@ def test_motion_fit_and_cli(prepared, tmp_path, capsys):
     from m2core.checkpoint import save_checkpoint
     from m2core.generate import GenerationConfig, generate
     from m2core.model import M2Config, M2Model, skeleton_features
-    from training.data import Shards, load_meta
+    from training.data.shards import Shards, load_meta
     from training.motion import _batch, _distance, fit
     from training.motion import main as fit_main
 
@@ -543,7 +543,7 @@ def test_pose_reader_fit_and_cli(prepared, tmp_path, capsys):
     from m2core.checkpoint import load_checkpoint
     from m2core.generate import GenerationConfig, generate
     from m2core.model import M2Config, M2Model
-    from training.data import Shards, load_meta
+    from training.data.shards import Shards, load_meta
     from training.pose_reader import _batch, fit
     from training.pose_reader import main as fit_main
 
@@ -629,7 +629,7 @@ def test_next_frame_fit_and_cli(prepared, tmp_path, capsys):
     from m2core.checkpoint import load_checkpoint
     from m2core.generate import GenerationConfig, generate
     from m2core.model import M2Config, M2Model, pose_points
-    from training.data import Shards, load_meta
+    from training.data.shards import Shards, load_meta
     from training.next_frame import MARGINS, _inputs, fit, forecast
     from training.next_frame import main as fit_main
 

@@ -70,8 +70,8 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     from m2core.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
-    from training.prepare import PrepareOptions, prepare
-    from training.synth import generate
+    from training.data.prepare import PrepareOptions, prepare
+    from training.synth.synth import generate
 
     tmp = tmp_path_factory.mktemp("ddp")
     generate(tmp / "synth", clips=3, seed=3, workers=1, frames=(20, 22), progress=False)

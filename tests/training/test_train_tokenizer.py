@@ -14,10 +14,10 @@ from penn_layout import write_label
 from PIL import Image, ImageDraw
 
 from m2core.tokenizers.image import ImageTokenizer, psnr
-from training import tokenizer_data as data
-from training.tokenize_image import main as tokenize_main
-from training.train_tokenizer import TokenizerTrainConfig, load_config
-from training.train_tokenizer import main as train_main
+from training.data.tokenize_image import main as tokenize_main
+from training.tokenizer import data
+from training.tokenizer.train import TokenizerTrainConfig, load_config
+from training.tokenizer.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["channels=[8,16,32,32]", "res_blocks=1", "levels=[8,5,5,5]", "batch_size=4",

@@ -1,7 +1,7 @@
 """Frames for the image tokenizer: clip split, letterboxed frame loading, and evaluation.
 
 Frames come from a Penn-Action-layout folder (synthetic or real) through
-`training.penn_action`; each is letterboxed to 256x256 with `m2core.geometry.letterbox`.
+`training.data.penn_action`; each is letterboxed to 256x256 with `m2core.geometry.letterbox`.
 The held-out split is by clip, never by frame: clips whose label says `train = -1`, or,
 when every clip is marked for training, the last `val_fraction` of the clips.
 
@@ -34,7 +34,7 @@ from tqdm import tqdm
 from m2core.geometry import letterbox
 from m2core.modalities import FRAME_SIZE, IMAGE_GRID
 from m2core.tokenizers.image import ImageTokenizer, psnr
-from training.penn_action import Clip, iter_clips
+from training.data.penn_action import Clip, iter_clips
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from m2core.draw import draw_skeleton
-from training.penn_action import list_clips, read_clip
+from training.data.penn_action import list_clips, read_clip
 
 LABEL_H = 14  # pixels of text under each cell
 BOX_COLOR = (255, 255, 0)

@@ -108,10 +108,10 @@ def names_action(caption: str, action: str) -> bool:
     actions, else the label's words ('tennis_serve' -> 'tennis serve')."""
     text = caption.lower()
     try:
-        from training.synth_text import action_keywords
+        from training.synth.text import action_keywords
 
         return any(k in text for k in action_keywords(action))
     except (ImportError, ValueError):
-        from training.captioners import action_phrase
+        from training.data.captioners import action_phrase
 
         return action_phrase(action) in text

@@ -36,8 +36,8 @@ import torch
 from tqdm import tqdm
 
 from m2core.model import PRESENT_OF
-from training import metrics as M
-from training.data import MaskedDataset, Shards, load_meta
+from training.data.shards import MaskedDataset, Shards, load_meta
+from training.eval import metrics as M
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -245,7 +245,7 @@ def evaluate(
     _write_atomic(out / "report.json", json.dumps(report, indent=1, default=_nan_none) + "\n")
     _write_atomic(out / "report.md", markdown(report))
     if gifs:
-        from training.eval_gifs import write_gif_pair
+        from training.eval.gifs import write_gif_pair
 
         write_gif_pair(out, bundle.image_tokenizer, A, rows, gt_now, gt_next, p_next, gifs)
     return report

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from m2core.modalities import FUTURE_FRAMES, NUM_JOINTS
-from training.captioners import template_caption
+from training.data.captioners import template_caption
 
 PIXEL_CENTRE = 0.5  # continuous label coordinate of a pixel's centre (see above)
 
@@ -84,7 +84,7 @@ def read_clip_samples(
     (`image_now`) and frame t + S (`image_next`)."""
     from m2core.geometry import letterbox, load_image
     from m2core.tokenizers.pose import PoseTokenizer
-    from training.penn_action import read_clip
+    from training.data.penn_action import read_clip
 
     clip = read_clip(data, clip_id, captions=_captions_file(Path(data)) or {})
     keys = key_frames(clip.nframes, stride, hop)

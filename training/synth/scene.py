@@ -12,8 +12,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from training.synth_motion import ACTIONS, Body, Motion, sample_body, stride_per_cycle
-from training.synth_text import (
+from training.synth.motion import ACTIONS, Body, Motion, sample_body, stride_per_cycle
+from training.synth.text import (
     FLOORS,
     HAIR,
     SHIRTS,

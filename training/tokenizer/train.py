@@ -1,7 +1,7 @@
 """Train the image tokenizer (FSQ autoencoder) on the frames of a Penn-Action-layout folder.
 
     m2 train-tokenizer --data DIR --out DIR [--config configs/tokenizer.yaml] [key=value ...]
-    accelerate launch training/train_tokenizer.py --data DIR --out DIR ...   (same script)
+    accelerate launch training/tokenizer/train.py --data DIR --out DIR ...   (same script)
 
 The loop, step by step: set the learning rate (linear warm-up, cosine decay) -> sample a
 batch of random crops from the training frames -> reconstruct -> loss (L1 + MSE + an
@@ -31,8 +31,8 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from m2core.tokenizers.image import ImageTokenizer, ImageTokenizerConfig, atomic_write
-from training import tokenizer_data as data
-from training.tokenizer_state import Budget, load_checkpoint, save_checkpoint
+from training.tokenizer import data
+from training.tokenizer.state import Budget, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Each action maps a phase `u` in [0, 1) of its cycle to joint angles; forward kinematics
 turns the angles into 3D points in body units (standing height ~1), with the feet kept
 on the floor, and a yaw turns the body to face the camera, the side or away. The
-renderer (`synth_render`) projects these points orthographically.
+renderer (`training.synth.render`) projects these points orthographically.
 
 Body frame: +x is the person's left, +y up, +z the way the person faces. After the yaw
 the world frame is the camera's: +x image right, +y up, +z towards the camera (depth).

@@ -23,8 +23,8 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from training.synth_motion import HULL, NECK, PELVIS, pose_at
-from training.synth_scene import RGB, ClipSpec, Scene
+from training.synth.motion import HULL, NECK, PELVIS, pose_at
+from training.synth.scene import RGB, ClipSpec, Scene
 
 SS = 2  # supersampling factor
 MAX_SUBFRAMES = 16

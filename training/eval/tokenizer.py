@@ -31,8 +31,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from m2core.tokenizers.image import ImageTokenizer, atomic_write
-from training import tokenizer_data as data
-from training.penn_action import Clip, iter_clips
+from training.data.penn_action import Clip, iter_clips
+from training.tokenizer import data
 
 SHEET_ROWS = 6
 

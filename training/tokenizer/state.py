@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from m2core.tokenizers.image import atomic_write
 
 if TYPE_CHECKING:
-    from training.train_tokenizer import TokenizerTrainConfig
+    from training.tokenizer.train import TokenizerTrainConfig
 
 CHECKPOINTS = "checkpoints"  # OUT/checkpoints/step-000500/, OUT/checkpoints/latest.json
 MODEL_KEYS = ("levels", "channels", "res_blocks")  # a resume must not change these

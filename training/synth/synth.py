@@ -17,9 +17,9 @@ the frame (negative or beyond W/H) are marked not visible but still located. `po
 the way the person faces in the image (front / back / left / right). `bbox` (x1 y1 x2
 y2) bounds the drawn body, clipped to the frame.
 
-The figure, its motion and the motion blur are documented in `synth_motion` and
-`synth_render`; the captions in `synth_text`. `ACTIONS` lists the action labels and
-`action_keywords(action)` the words that name an action in a caption.
+The figure, its motion and the motion blur are documented in `training.synth.motion`
+and `training.synth.render`; the captions in `training.synth.text`. `ACTIONS` lists the
+action labels and `action_keywords(action)` the words that name an action in a caption.
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ import scipy.io
 from PIL import Image
 from tqdm import tqdm
 
-from training.synth_motion import ACTIONS
-from training.synth_render import background, render_frame
-from training.synth_scene import ClipSpec, sample_spec
-from training.synth_text import action_from_caption, action_keywords, caption
+from training.synth.motion import ACTIONS
+from training.synth.render import background, render_frame
+from training.synth.scene import ClipSpec, sample_spec
+from training.synth.text import action_from_caption, action_keywords, caption
 
 __all__ = ["ACTIONS", "RenderedClip", "action_from_caption", "action_keywords", "generate",
            "main", "render_clip", "sample_spec", "write_clip"]  # fmt: skip

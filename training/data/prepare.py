@@ -40,8 +40,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from training.captioners import BlipCaptioner, parse_captioner
-from training.prepare_clip import PrepareError, future_offsets, read_clip_samples
+from training.data.captioners import BlipCaptioner, parse_captioner
+from training.data.prepare_clip import PrepareError, future_offsets, read_clip_samples
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def prepare(opts: PrepareOptions) -> dict[str, Any]:
 
     from m2core.tokenizers.image import ImageTokenizer, resolve_dir
     from m2core.tokenizers.text import TextTokenizer
-    from training.penn_action import list_clips
+    from training.data.penn_action import list_clips
 
     if opts.stride < 1:
         raise ValueError(f"--stride must be >= 1, got {opts.stride}")

@@ -1,0 +1,1 @@
+"""Synthetic clips (`m2 synth`): the figure, its motion, the scene, the renderer, the captions."""
