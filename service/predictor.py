@@ -34,10 +34,10 @@ from m2core.geometry import (
     load_image,
     probe_image,
 )
-from m2core.modalities import IMAGE_GRID, NUM_JOINTS, TOKENS_PER_POSE
+from m2core.modalities import IMAGE_GRID, JOINT_NAMES, NUM_JOINTS, TOKENS_PER_POSE
 from service.errors import ServiceError
 from service.render import content_crop, encode_png, make_background
-from service.schemas import MAX_SEED, parse_coords
+from service.schemas import LOW_CONFIDENCE, MAX_SEED, parse_coords
 from service.settings import Settings
 from service.store import Prediction
 
@@ -335,6 +335,21 @@ class M2Predictor:
                     "is given and the forecast means nothing",
                 }
             )
+        confidence = None  # (13,), (steps, 6, 13); a given skeleton is sure (1.0)
+        if out.confidence is not None:
+            sure_now = np.ones(NUM_JOINTS) if item.coords_ids is not None else out.confidence[0]
+            confidence = (np.asarray(sure_now, dtype=np.float32), out.confidence[1])
+            unsure = (confidence[0] < LOW_CONFIDENCE) & (now[:, 2] > 0.5)
+            if item.coords_ids is None and not nobody and unsure.any():
+                names = ", ".join(JOINT_NAMES[j] for j in np.flatnonzero(unsure))
+                warnings.append(
+                    {
+                        "code": "low_confidence_joints",
+                        "message": f"{unsure.sum()} of {int((now[:, 2] > 0.5).sum())} visible "
+                        f"joints read from the frame have confidence below {LOW_CONFIDENCE}: "
+                        f"{names} (drawn hollow in the GIF)",
+                    }
+                )
         pngs = [encode_png(content_crop(f, item.box)) for f in out.next_frames]
         fields = {
             "caption": caption,
@@ -351,15 +366,15 @@ class M2Predictor:
             "warnings": warnings,
             "action": self._action_name(out.action),
             "confidence": None
-            if out.confidence is None
+            if confidence is None
             else {
-                "coords": [1.0] * NUM_JOINTS
-                if item.coords_ids is not None
-                else _rounded(out.confidence[0]),
-                "coords_next": [[_rounded(j) for j in step] for step in out.confidence[1]],
+                "coords": _rounded(confidence[0]),
+                "coords_next": [[_rounded(j) for j in step] for step in confidence[1]],
             },
         }
-        pred = Prediction(item.background_jpeg, item.thumb_scale, now, future, pngs, self.version)
+        pred = Prediction(
+            item.background_jpeg, item.thumb_scale, now, future, pngs, self.version, confidence
+        )
         return fields, pred
 
     def _action_name(self, action: int | None) -> str | None:

@@ -2,8 +2,10 @@
 
 The GIF shows 7 frames per roll-out step (the skeleton now, then the six predicted),
 drawn over the uploaded frame (or a plain canvas), optionally beside the decoded
-predicted key frame of that step. It is rendered on first request and cached in the
-store, at most `gif_max_side` pixels on its longer side whatever the upload's size.
+predicted key frame of that step. Where the checkpoint gives per-joint confidence
+(format 2), a joint below LOW_CONFIDENCE is drawn as a hollow ring with thin, faded
+bones. It is rendered on first request and cached in the store, at most `gif_max_side`
+pixels on its longer side whatever the upload's size.
 """
 
 from __future__ import annotations
@@ -15,10 +17,17 @@ from PIL import Image, ImageDraw
 
 from m2core.draw import CENTER_COLOR, EDGE_COLOR, LEFT_COLOR, RIGHT_COLOR, draw_skeleton
 from m2core.geometry import Letterbox
-from m2core.modalities import SKELETON_EDGES
+from m2core.modalities import JOINT_NAMES, SKELETON_EDGES
+from service.schemas import LOW_CONFIDENCE
 from service.store import Prediction
 
 CANVAS_COLOR = (28, 30, 36)
+SKELETON_COLORS = (LEFT_COLOR, RIGHT_COLOR, CENTER_COLOR)
+
+
+def _faded(color: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Half way to grey: the colour of a bone that touches an uncertain joint."""
+    return tuple((c + 128) // 2 for c in color)  # type: ignore[return-value]
 
 
 def encode_png(array: np.ndarray) -> bytes:
@@ -55,6 +64,56 @@ def _to_thumb(joints: np.ndarray, scale: float) -> np.ndarray:
     return out
 
 
+def _joint_color(*js: int) -> tuple[int, int, int]:
+    """m2core.draw's palette: the person's left, right, or the centre (mixed bones too)."""
+    sides = {JOINT_NAMES[j][:2] for j in js}
+    side = sides.pop() if len(sides) == 1 else ""
+    return {"l_": LEFT_COLOR, "r_": RIGHT_COLOR}.get(side, CENTER_COLOR)
+
+
+def draw_pose(
+    img: Image.Image, joints: np.ndarray, confidence: np.ndarray | None = None
+) -> Image.Image:
+    """A copy of `img` with the skeleton drawn (m2core.draw's style).
+
+    With `confidence` (13,), a joint below LOW_CONFIDENCE is an uncertain one: a hollow
+    ring instead of a filled dot, and its bones thinner, in faded colours, stopping at the
+    ring. Without it (format-1 checkpoints) this is m2core.draw.draw_skeleton."""
+    if confidence is None:
+        return draw_skeleton(img, joints)
+    pts = np.asarray(joints, dtype=np.float64)
+    visible = (pts[:, 2] > 0.5) & np.isfinite(pts[:, :2]).all(axis=1)
+    sure = np.asarray(confidence, dtype=np.float64) >= LOW_CONFIDENCE
+    width = max(2, round(2.5 * max(1.0, min(img.size) / 256.0)))  # draw_skeleton's sizes
+    radius = max(2.0, 1.3 * width)
+    out = img.convert("RGB")
+    draw = ImageDraw.Draw(out)
+    ring = radius + 1  # a little larger than a dot, so the hole shows
+    for a, b in SKELETON_EDGES:
+        if not (visible[a] and visible[b]) or (sure[a] and sure[b]):
+            continue
+        p, q = pts[a, :2], pts[b, :2]
+        length = float(np.hypot(*(q - p)))
+        u = (q - p) / length if length > 0 else np.zeros(2)
+        p = p if sure[a] else p + u * ring  # stop at an uncertain joint's ring
+        q = q if sure[b] else q - u * ring
+        if np.dot(q - p, u) > 0:
+            draw.line(
+                [tuple(p), tuple(q)], fill=_faded(_joint_color(a, b)), width=max(1, width // 2)
+            )
+    for j in np.flatnonzero(visible & ~sure):
+        x, y = pts[j, :2]
+        draw.ellipse((x - ring - 1, y - ring - 1, x + ring + 1, y + ring + 1), outline=EDGE_COLOR)
+        draw.ellipse(
+            (x - ring, y - ring, x + ring, y + ring),
+            outline=_joint_color(j),
+            width=max(1, width - 1),
+        )
+    # the sure part on top: bones between sure joints, filled dots
+    return draw_skeleton(out, np.where((visible & sure)[:, None], pts, [[0.0, 0.0, 0.0]]),
+                         width=width, radius=radius)  # fmt: skip
+
+
 def _label(img: Image.Image, text: str) -> None:
     draw = ImageDraw.Draw(img)
     x, y = 4, 4
@@ -69,7 +128,13 @@ def _shared_palette(pictures: list[Image.Image]) -> Image.Image:
     Quantising all frames to one palette (no dithering) is ~20x faster than Pillow's
     per-frame adaptive palettes and lets the GIF store only what changes between frames.
     """
-    colors = [LEFT_COLOR, RIGHT_COLOR, CENTER_COLOR, EDGE_COLOR, (0, 0, 0), (255, 255, 255)]
+    colors = [
+        *SKELETON_COLORS,
+        *map(_faded, SKELETON_COLORS),
+        EDGE_COLOR,
+        (0, 0, 0),
+        (255, 255, 255),
+    ]
     width = sum(p.width for p in pictures)
     height = max(p.height for p in pictures)
     ref = Image.new("RGB", (width, height + 8))
@@ -99,12 +164,16 @@ def render_gif(
             panels[s] = key.resize((max(1, round(key.width * h / key.height)), h))
     palette = _shared_palette([background, *(p for p in panels if p is not None)])
     frames: list[Image.Image] = []
+    conf = pred.confidence
     for s in range(steps):
         now = pred.coords if s == 0 else pred.coords_next[s - 1, -1]
+        sure: list = [None] * (1 + pred.coords_next.shape[1])  # per frame's joints, or None
+        if conf is not None:
+            sure = [conf[0] if s == 0 else conf[1][s - 1, -1], *conf[1][s]]
         for k, joints in enumerate([now, *pred.coords_next[s]]):
-            # Left side orange, right side blue (m2core.draw's palette); the label says
-            # which frame is "now" and which are predicted.
-            img = draw_skeleton(background, _to_thumb(joints, pred.thumb_scale))
+            # Left side orange, right side blue (m2core.draw's palette), uncertain joints
+            # hollow; the label says which frame is "now" and which are predicted.
+            img = draw_pose(background, _to_thumb(joints, pred.thumb_scale), sure[k])
             label = "now" if k == 0 else f"+{k}"
             _label(img, f"step {s + 1}/{steps}  {label}" if steps > 1 else label)
             if panels[s] is not None:

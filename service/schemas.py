@@ -49,10 +49,14 @@ class Links(BaseModel):
     next_frame: str
 
 
-WarningCode = Literal["animated_image", "no_person"]
+LOW_CONFIDENCE = 0.5  # a joint whose confidence is below this is "uncertain"
+
+WarningCode = Literal["animated_image", "no_person", "low_confidence_joints"]
 WARNING_CODES: dict[str, str] = {
     "animated_image": "an animated upload: only its first frame was used",
     "no_person": "the model found no visible joint: no caption, and the forecast means nothing",
+    "low_confidence_joints": "visible joints of the skeleton read from the frame whose "
+    f"confidence is below {LOW_CONFIDENCE} (format-2 checkpoints; named in the message)",
 }
 
 

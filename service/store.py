@@ -33,10 +33,13 @@ class Prediction:
     coords_next: np.ndarray  # (steps, 6, 13, 3) upload pixels + visible
     next_frames_png: list[bytes]  # per step: the decoded predicted key frame
     model_version: str
+    # per joint in [0, 1]: (13,) now, (steps, 6, 13) future; None: the checkpoint has none
+    confidence: tuple[np.ndarray, np.ndarray] | None = None
     cache: dict[str, bytes] = field(default_factory=dict)  # rendered GIFs by variant
 
     def nbytes(self) -> int:
         n = len(self.background_jpeg) + self.coords.nbytes + self.coords_next.nbytes
+        n += sum(c.nbytes for c in self.confidence) if self.confidence is not None else 0
         n += sum(len(p) for p in self.next_frames_png)
         return n + sum(len(v) for v in self.cache.values()) + 512  # + object overhead
 

@@ -22,6 +22,7 @@ from starlette.testclient import TestClient
 
 from m2core.checkpoint import save_checkpoint
 from m2core.model import M2Config, M2Model
+from m2core.model_v2 import M2ConfigV2, M2ModelV2
 from m2core.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
 from m2core.tokenizers.text import TextTokenizer
 from service.settings import Settings
@@ -45,6 +46,23 @@ def make_checkpoint(directory: Path) -> Path:
         image_vocab=image.vocab_size, text_vocab=text.vocab_size, caption_len=text.max_len,
     )  # fmt: skip
     save_checkpoint(directory, M2Model(config), image_tokenizer=image, text_tokenizer=text)
+    return directory
+
+
+ACTIONS = ["jumping_jacks", "waving", "squat"]
+
+
+def make_checkpoint_v2(directory: Path) -> Path:
+    """The same, format 2 (names an action of ACTIONS, gives per-joint confidence)."""
+    torch.manual_seed(0)
+    text = TextTokenizer.build(CAPTIONS, max_len=12)
+    image = ImageTokenizer(ImageTokenizerConfig(levels=(4, 4), channels=(8, 8, 8, 8), res_blocks=0))
+    config = M2ConfigV2(
+        dim=32, enc_layers=1, dec_layers=1, heads=2, image_levels=image.config.levels,
+        text_vocab=text.vocab_size, caption_len=text.max_len, action_classes=len(ACTIONS),
+    )  # fmt: skip
+    save_checkpoint(directory, M2ModelV2(config), image_tokenizer=image, text_tokenizer=text,
+                    extra={"data": {"actions": ACTIONS}})  # fmt: skip
     return directory
 
 

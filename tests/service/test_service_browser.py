@@ -1,7 +1,8 @@
 """The web page in a real headless browser (Debian's chromium driven by Playwright): load
 `/`, pick a frame, see the caption and the GIF appear; a bad file shows the error and marks
 the previous result stale; the motion label counts the GIF's frames; a running request
-shows its elapsed time; the server's warnings show. Screenshots of the page after a good
+shows its elapsed time; the server's warnings show; a format-2 checkpoint's action and
+count of uncertain joints show. Screenshots of the page after a good
 and after a failed request are left in the test's tmp_path (see pytest --basetemp)."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from svc_helpers import png_bytes
+from svc_helpers import ACTIONS, make_checkpoint_v2, png_bytes, run_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 LAUNCH_ARGS = [
@@ -83,6 +84,7 @@ def test_page_uploads_a_frame_and_shows_caption_gif_and_next_frame(browser, live
     assert page.is_hidden("#error")
     assert page.is_hidden("#warnings")  # an ordinary still frame: nothing to warn about
     assert page.is_hidden("#progress") and page.is_hidden("#stale-note")
+    assert page.is_hidden("#action") and page.is_hidden("#uncertain")  # format 1: neither
     assert not external, external  # everything came from the app itself
     page.screenshot(path=str(tmp_path / "after-success.png"), full_page=True)
 
@@ -177,3 +179,25 @@ def test_the_servers_warnings_are_shown(browser, live_server, tmp_path):
     _predict(page, animated)
     assert page.is_visible("#warnings")
     assert "animated image with 2 frames" in page.text_content("#warnings")
+
+
+def test_format2_action_and_uncertain_joints_are_shown(browser, tmp_path):
+    frame = tmp_path / "frame.png"
+    frame.write_bytes(png_bytes(160, 120, seed=5))
+    with run_server(make_checkpoint_v2(tmp_path / "ckpt-v2")) as url:
+        page = browser.new_page()
+        page.goto(url + "/")
+        _predict(page, frame)
+        data = page.evaluate("() => JSON.parse(document.getElementById('json').textContent)")
+        assert data["action"] in ACTIONS
+        assert page.is_visible("#action")
+        assert page.text_content("#action") == data["action"].replace("_", " ")
+        visible = [j[2] == 1 for j in data["coords"]]
+        low = sum(v and c < 0.5 for v, c in zip(visible, data["confidence"]["coords"], strict=True))
+        want = (
+            f"{low} of {sum(visible)} visible joints uncertain (drawn hollow)"
+            if low
+            else f"all {sum(visible)} visible joints confident"
+        )
+        assert page.is_visible("#uncertain") and page.text_content("#uncertain") == want
+        page.screenshot(path=str(tmp_path / "format2.png"), full_page=True)
