@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=1, help="roll-out steps (default 1)")
     p.add_argument("--temperature", type=float, help="sampling temperature")
     p.add_argument("--seed", type=int, help="seed (default 0)")
+    p.add_argument("--action", help="an action name of the checkpoint: steers the forecast")
     p.add_argument("--side-by-side", action="store_true", help="GIF with the predicted key frame")
     p.add_argument(
         "--api-key", default=os.environ.get("M2_API_KEY"), help="for --url (or M2_API_KEY)"
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if coords and coords.startswith("@"):
         coords = Path(coords[1:]).read_text()
     fields = {"caption": args.caption, "coords": coords, "steps": str(args.steps),
-              "temperature": args.temperature, "seed": args.seed}  # fmt: skip
+              "temperature": args.temperature, "seed": args.seed, "action": args.action}  # fmt: skip
     data = {k: str(v) for k, v in fields.items() if v is not None}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     t = result["timings_ms"]
     print(f"caption: {result['caption']}")
+    if result.get("action"):
+        print(f"action: {result['action']}")
     for w in result.get("warnings", []):
         print(f"warning ({w['code']}): {w['message']}")
     print(f"model {result['model_version']} on {result['device']}: {t['total']:.0f} ms "

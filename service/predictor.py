@@ -64,6 +64,7 @@ class RawRequest:
     steps: int = 1
     temperature: float | None = None
     seed: int | None = None
+    action: str | None = None
 
 
 @dataclass
@@ -81,6 +82,7 @@ class Item:
     background_jpeg: bytes
     thumb_scale: float
     warnings: list[dict[str, str]] = field(default_factory=list)  # {"code", "message"}
+    action: int = -1  # given action id, -1 = not given
 
     def group_key(self) -> tuple:
         """Requests with equal keys run in one `generate` call (seeds are per sample, and
@@ -157,7 +159,29 @@ class M2Predictor:
         coords_ids = self._coords(raw.coords, box)
         caption, caption_ids = self._caption(raw.caption)
         return Item(frame, box, coords_ids, caption_ids, caption, steps, temperature, seed,
-                    background, thumb_scale, warnings)  # fmt: skip
+                    background, thumb_scale, warnings, self._action_id(raw.action))  # fmt: skip
+
+    def _action_id(self, name: str | None) -> int:
+        if name is None or not name.strip():
+            return -1
+        known = self._action_names()
+        if not hasattr(self.bundle.model, "adapters") or not known:
+            raise ServiceError(
+                422, "invalid_field", "this checkpoint has no action modality", "action"
+            )
+        if name.strip() not in known:
+            raise ServiceError(
+                422,
+                "invalid_field",
+                f"unknown action {name.strip()!r}; known: {', '.join(known)}",
+                "action",
+            )
+        return known.index(name.strip())
+
+    def _action_names(self) -> list[str]:
+        return list(
+            ((self.bundle.config.get("extra") or {}).get("data") or {}).get("actions") or []
+        )
 
     def _check_numbers(self, raw: RawRequest) -> tuple[int, float, int]:
         s = self.settings
@@ -270,6 +294,8 @@ class M2Predictor:
             if any(it.caption_ids is not None for it in group):  # a row of pad = not given
                 width = max(len(it.caption_ids) for it in group if it.caption_ids is not None)
                 inputs["captions"] = self._rows([it.caption_ids for it in group], width, 0)
+            if any(it.action >= 0 for it in group):  # -1 = not given
+                inputs["action"] = torch.tensor([it.action for it in group], device=self.device)
             cfg = GenerationConfig(
                 steps=group[0].steps, temperature=group[0].temperature,
                 seed=[it.seed for it in group],
@@ -378,7 +404,7 @@ class M2Predictor:
         return fields, pred
 
     def _action_name(self, action: int | None) -> str | None:
-        names = ((self.bundle.config.get("extra") or {}).get("data") or {}).get("actions") or []
+        names = self._action_names()
         if action is None or not 0 <= action < len(names):
             return None
         return str(names[action])

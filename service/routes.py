@@ -33,7 +33,7 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
         404: "unknown or expired prediction id (or a step the prediction does not have)",
         413: "body over the size cap, or an image with too many pixels (refused before decoding)",
         415: "not an image, a format not accepted, or a content type that does not match the data",
-        422: "a damaged/truncated image, or a bad field (coords, steps, temperature, seed, caption)",
+        422: "a damaged/truncated image, or a bad field (coords, steps, temperature, seed, caption, action)",
         503: "the queue is full (see Retry-After) or the model is not loaded",
         504: "no answer within the per-request deadline",
     }
@@ -97,16 +97,23 @@ async def predict(
         ),
     ] = None,
     seed: Annotated[int | None, NotGivenIfBlank, Form(description="same seed, same answer")] = None,
+    action: Annotated[
+        str | None,
+        NotGivenIfBlank,
+        Form(
+            description="an action name of the checkpoint (steers the forecast; format-2 checkpoints)"
+        ),
+    ] = None,
 ) -> PredictResponse:
     """The skeleton now, a caption, the next skeletons and key frames, from one frame.
 
-    Optional fields (`coords`, `caption`, `temperature`, `seed`) may be left out, sent
-    empty or sent as `null`: all three mean "not given". The response's `id` leads to
+    Optional fields (`coords`, `caption`, `temperature`, `seed`, `action`) may be left
+    out, sent empty or sent as `null`: all three mean "not given". The response's `id` leads to
     the GIF and the PNG (see the links of the 200 answer).
     """
     received = getattr(request.state, "received", None) or time.perf_counter()
     raw = RawRequest(
-        await frame.read(), frame.content_type, coords, caption, steps, temperature, seed
+        await frame.read(), frame.content_type, coords, caption, steps, temperature, seed, action
     )
     response = await pipeline.predict(raw, received, root=request.scope.get("root_path", ""))
     return response

@@ -143,3 +143,16 @@ def test_without_confidence_every_joint_is_filled_as_before():
     frame = _first_frame(None)
     for joint in (L_SHOULDER, L_ELBOW, L_WRIST):
         assert _is(_around(frame, joint, 0, 2.5), LEFT_COLOR).all()
+
+
+def test_action_input_steers_and_is_checked(v2_client: TestClient):
+    """A given action reaches the model as an input (the answer carries it instead of the
+    one the untrained model reads out for every frame); an unknown name is a 422 that names
+    the known ones."""
+    for name in ACTIONS:
+        assert _predict(v2_client, steps=1, seed=0, action=name)["action"] == name
+    files = {"frame": ("frame.png", png_bytes(160, 120, seed=5), "image/png")}
+    r = v2_client.post("/predict", files=files, data={"action": "juggling"})
+    assert r.status_code == 422
+    err = r.json()["error"]
+    assert err["field"] == "action" and ACTIONS[0] in err["message"]
