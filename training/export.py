@@ -116,6 +116,7 @@ def export_training_checkpoint(path: Path, out: Path, data_dir: Path | None = No
     from safetensors.torch import load_file
 
     from m2core.model import M2Model
+    from m2core.model_v2 import M2ConfigV2, M2ModelV2
     from training.config import make_config, model_config
     from training.data.shards import load_meta
     from training.train_state import STATE_FILE
@@ -132,7 +133,7 @@ def export_training_checkpoint(path: Path, out: Path, data_dir: Path | None = No
     cfg = make_config(config)
     meta = load_meta(cfg.data_dir)
     mcfg = model_config(cfg, meta)
-    model = M2Model(mcfg)
+    model = M2ModelV2(mcfg) if isinstance(mcfg, M2ConfigV2) else M2Model(mcfg)
     model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)  # casts to fp32
     history = state.get("metrics", {})
     last = history[max(history, key=int)] if history else {}

@@ -16,6 +16,7 @@ class LabelAdapter(Adapter):
         self.table = nn.Embedding(mod.vocab_size, dim)
         nn.init.normal_(self.table.weight, std=0.02)
         self.head = nn.Linear(dim, mod.vocab_size)
+        nn.init.normal_(self.head.weight, std=0.02)  # as the other heads
 
     def value(self, ids: Tensor) -> Tensor:
         return self.table(ids)

@@ -9,8 +9,10 @@ as positions and visibility flags read out directly.
   attends over the image tokens of the context and takes the expected cell centre, plus a
   small regressed offset. Without a frame it is regressed from the query's state.
 - A future coordinate is the present one plus a regressed displacement.
-- Every coordinate carries a Laplace scale b: the loss is the Laplace negative
-  log-likelihood |y - mu| / b + log b (frame units), so the model says how sure it is.
+- Every coordinate carries a Laplace scale b, read from the state by a head of its own
+  and trained by the Laplace negative log-likelihood |y - mu| / b + log b (frame units)
+  with the position held fixed; the position itself by its L1 error. So the model says
+  how sure it is, and the scale's ~1/b gradient stays out of the trunk.
 - Flags are one logit each (binary cross-entropy); a future flag starts from the present.
 """
 
@@ -36,6 +38,7 @@ FEATURES = 64  # sin-cos features of a coordinate value
 SHAPE = NUM_JOINTS * 6 + 3  # skeleton_shape's width
 MOVE_SCALE = 0.05  # a displacement output of 1 = 5% of the frame
 B_MIN = 1e-3  # smallest Laplace scale, frame units (a quarter pixel)
+L1_WEIGHT = 10.0  # of the position's L1 error (frame units) beside the scale's NLL
 
 
 def bin_value(ids: Tensor) -> Tensor:
@@ -88,6 +91,8 @@ class PoseAdapter(Adapter):
         )
         self.coord_out = nn.Linear(dim, 3)  # value (future: displacement), log scale, cell offset
         self.flag_out = nn.Linear(dim, 1)
+        for table in (self.flag_in, self.frame_emb, self.joint_emb, self.comp_emb):
+            nn.init.normal_(table.weight, std=0.02)  # as every other table (default: std 1)
         if not self.future:  # the spatial read-out over the frame's tokens
             self.query_key = nn.Linear(dim, 64, bias=False)
             self.cell_key = nn.Linear(dim, 64, bias=False)
@@ -121,7 +126,10 @@ class PoseAdapter(Adapter):
     def predict(self, h: Tensor, s: Slots, ctx: Inputs | None) -> tuple[Tensor, Tensor, Tensor]:
         """-> (mu (n,) frame units, Laplace scale b (n,), flag logit (n,)) of every slot."""
         raw = self.coord_out(h).float()
-        b = B_MIN + F.softplus(raw[:, 1] - 3.0)
+        # the scale reads the state without moving it: its NLL gradient (~1/b) would swamp the
+        # trunk's other signals; the position's own L1 gradient is bounded (docs/model.md)
+        w, bias = self.coord_out.weight[1], self.coord_out.bias[1]
+        b = B_MIN + F.softplus((h.detach() @ w + bias).float() - 3.0)
         flag = self.flag_out(h).float().squeeze(1)
         if self.future:
             p = s.present if s.present is not None else torch.full_like(s.pos, -1)
@@ -161,7 +169,8 @@ class PoseAdapter(Adapter):
         mu, b, flag = self.predict(h, s, ctx)
         is_flag = labels >= POSE_BINS
         y = bin_value(labels.clamp(0, POSE_BINS - 1))
-        nll = (y - mu).abs() / b + b.log()
+        err = (y - mu).abs()
+        nll = L1_WEIGHT * err + err.detach() / b + b.log()
         bce = F.binary_cross_entropy_with_logits(
             flag, (labels == POSE_BINS + 1).float(), reduction="none"
         )

@@ -1,4 +1,4 @@
-"""Captions: a token table, a tied head, 1D sin-cos positions; learned left to right."""
+"""Captions: a token table, a head, 1D sin-cos positions; learned left to right."""
 
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ class TextAdapter(Adapter):
         del self.mask  # a caption query always carries a token (teacher forcing), never the mask
         self.table = nn.Embedding(mod.vocab_size, dim)
         nn.init.normal_(self.table.weight, std=0.02)
+        # Its own head, not the tied table: the table grows as an input embedding, and tied, its
+        # gradient into the trunk outweighed every other modality's 20-50x (docs/model.md).
+        self.head = nn.Linear(dim, mod.vocab_size, bias=False)
+        nn.init.normal_(self.head.weight, std=0.02)
         self.register_buffer("pos_table", sincos_1d(mod.num_tokens, dim), persistent=False)
 
     def value(self, ids: Tensor) -> Tensor:
@@ -29,7 +33,7 @@ class TextAdapter(Adapter):
         return self.value(s.ids) + self.positions(s.pos)
 
     def logits(self, h: Tensor) -> Tensor:
-        return (h @ self.table.weight.T).float()
+        return self.head(h).float()
 
     def loss(
         self, h: Tensor, s: Slots, labels: Tensor, ctx: Inputs | None = None
