@@ -12,6 +12,8 @@ test_service_contract.py` fuzzes the app against this document to keep the two i
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -54,6 +56,11 @@ def amend(doc: Schema, settings: Settings) -> Schema:
     _limit(body["temperature"], minimum=0.0, maximum=settings.max_temperature)
     _limit(body["seed"], minimum=0, maximum=MAX_SEED)
     _limit(body["caption"], maxLength=settings.max_caption_chars)
+    actions = _actions(settings)
+    if actions:  # the checkpoint's action names are the only values it takes
+        _limit(body["action"], enum=actions)
+    else:  # a checkpoint without an action modality takes no action
+        body.pop("action", None)
 
     next_frame = paths["/next_frame.png"]["get"]
     step = next(p for p in next_frame["parameters"] if p["name"] == "step")
@@ -85,6 +92,17 @@ def _skeleton() -> Schema:
         "prefixItems": [coord, coord, {"enum": [0, 1, False, True]}],
     }  # fmt: skip
     return {"type": "array", "minItems": NUM_JOINTS, "maxItems": NUM_JOINTS, "items": joint}
+
+
+def _actions(settings: Settings) -> list[str]:
+    """The action names of a format-2 checkpoint's config.json ([] for format 1 or unreadable)."""
+    try:
+        meta = json.loads((Path(settings.checkpoint) / "config.json").read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(meta, dict) or (meta.get("model") or {}).get("format") != 2:
+        return []
+    return [str(a) for a in ((meta.get("extra") or {}).get("data") or {}).get("actions") or []]
 
 
 def _limit(prop: Schema, **bounds: Any) -> None:
