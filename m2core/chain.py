@@ -45,6 +45,7 @@ class Chain:
 
     def __init__(self, model: M2ModelV2, cfg: GenerationConfig, gens: list[torch.Generator]):
         self.model, self.cfg, self.gens = model, cfg, gens
+        self.registry = model.config.registry()  # built once, read at every step
         self.known: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (ids (B, n), valid (B, n))
         self.times: dict[str, float] = defaultdict(float)
         self.confidence: dict[str, Tensor] = {}
@@ -54,7 +55,7 @@ class Chain:
         names = self.model.names
         ids, mod, pos, valid = [], [], [], []
         for name, (x, ok) in self.known.items():
-            if not self.model.config.registry()[name].can_input or name in PRESENT_OF:
+            if not self.registry[name].can_input or name in PRESENT_OF:
                 continue
             B, n = x.shape
             ids.append(x.clamp(min=0))
@@ -66,7 +67,7 @@ class Chain:
         return out
 
     def queries(self, name: str, B: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-        n = self.model.config.registry()[name].num_tokens
+        n = self.registry[name].num_tokens
         mod = torch.full((B, n), self.model.names.index(name), device=device)
         pos = torch.arange(n, device=device).expand(B, n)
         prior = None

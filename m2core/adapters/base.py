@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from m2core.modalities import Modality
@@ -53,3 +54,19 @@ class Adapter(nn.Module):
         shown = s.ids >= 0
         tok = torch.where(shown[:, None], self.value(s.ids.clamp(min=0)), self.mask)
         return tok + self.positions(s.pos)
+
+    # A token classified over one vocabulary (text, label); image and pose override these.
+    def logits(self, h: Tensor) -> Tensor:  # (n, D) -> (n, V)
+        raise NotImplementedError
+
+    def loss(
+        self, h: Tensor, s: Slots, labels: Tensor, ctx: Inputs | None = None
+    ) -> tuple[Tensor, Tensor]:
+        keep = labels >= 0
+        ce = F.cross_entropy(self.logits(h), labels.clamp(min=0), reduction="none")
+        return (ce * keep).sum(), keep.sum()
+
+    def readout(self, h: Tensor, s: Slots, ctx: Inputs | None = None, temperature: float = 0.0,
+                gens: list[torch.Generator] | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
+        conf, ids = self.logits(h).softmax(-1).max(-1)
+        return ids, conf

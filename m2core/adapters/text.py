@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from m2core.adapters.base import Adapter, Inputs, Slots
+from m2core.adapters.base import Adapter, Slots
 from m2core.blocks import sincos_1d
 from m2core.modalities import Modality
 
@@ -34,22 +32,3 @@ class TextAdapter(Adapter):
 
     def logits(self, h: Tensor) -> Tensor:
         return self.head(h).float()
-
-    def loss(
-        self, h: Tensor, s: Slots, labels: Tensor, ctx: Inputs | None = None
-    ) -> tuple[Tensor, Tensor]:
-        keep = labels >= 0
-        ce = F.cross_entropy(self.logits(h), labels.clamp(min=0), reduction="none")
-        return (ce * keep).sum(), keep.sum()
-
-    def readout(
-        self,
-        h: Tensor,
-        s: Slots,
-        ctx: Inputs | None = None,
-        temperature: float = 0.0,
-        gens: list[torch.Generator] | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        p = self.logits(h).softmax(-1)
-        conf, ids = p.max(-1)
-        return ids, conf
