@@ -122,6 +122,7 @@ fi
 python scripts/pack_checkpoint.py "$FINAL" "$CKPT" --dtype float16
 stage "m2 eval (test split)" 2 m2 eval --checkpoint "$CKPT" --data "$WORK/prepared" --out "$WORK/eval" \
   --split test --samples 256
+stage "m2 calibrate-domain" 2 m2 calibrate-domain --checkpoint "$CKPT" --data "$WORK/synth"
 OMP_NUM_THREADS=2 python scripts/reproduce_check.py --checkpoint "$CKPT" --work "$WORK/repro"
 python scripts/plot_curves.py "$CURVES" --out "$WORK/curves.png"
 python scripts/model_card.py --checkpoint "$CKPT" --work "$WORK" "${CARD_ARGS[@]}"

@@ -306,7 +306,9 @@ PCK@0.05 now {repro["report"]["coords"]["pck@0.05"]:.3f}, caption names the acti
 
 Trained on {meta["source"].get("synth", {}).get("clips", "?")} synthetic clips of one rendered
 figure on simple backgrounds. On real photos it will not find people reliably: the
-skeleton, caption and forecast are only meaningful for frames that look like `m2 synth`'s.
+skeleton, caption and forecast are only meaningful for frames that look like `m2 synth`'s. `/predict` warns `out_of_domain` for frames unlike them (`in_domain.safetensors`, from
+`m2 calibrate-domain`): 91% of a corpus of photos, blank, solid, noise and screenshot
+images, and 3-4% of frames of new synthetic clips (docs/in_domain.md).
 Captions only know the ten synthetic actions and the words of the synthetic captions.
 
 ## Model config

@@ -34,6 +34,7 @@ from m2core.geometry import (
     load_image,
     probe_image,
 )
+from m2core.in_domain import DomainCheck, encode_with_features, skeleton_features
 from m2core.modalities import IMAGE_GRID, JOINT_NAMES, NUM_JOINTS, TOKENS_PER_POSE
 from service.errors import ServiceError
 from service.render import content_crop, encode_png, make_background
@@ -99,6 +100,7 @@ class Output:
     next_frames: np.ndarray  # (steps, 256, 256, 3) uint8
     action: int | None = None  # format-2 models: the action id
     confidence: tuple[np.ndarray, np.ndarray] | None = None  # (13,), (steps, 6, 13) per joint
+    image_features: np.ndarray | None = None  # the frame's in-domain features
 
 
 class M2Predictor:
@@ -107,6 +109,7 @@ class M2Predictor:
         self.bundle = None
         self.device = "cpu"
         self.defaults = GenerationConfig(temperature=settings.default_temperature)
+        self.domain: DomainCheck | None = None
 
     # --- setup -----------------------------------------------------------------------------
     def setup(self, device: str) -> None:
@@ -120,6 +123,10 @@ class M2Predictor:
         if self.bundle.image_tokenizer is None:
             raise FileNotFoundError(f"{path}: the checkpoint has no image_tokenizer/")
         self.bundle.model.eval()
+        self.domain = DomainCheck.load(path)  # ValueError for a damaged file
+        if self.domain is None:
+            log.warning("%s has no in_domain.safetensors: no out_of_domain warnings "
+                        "(m2 calibrate-domain adds it)", path)  # fmt: skip
         self.device = device
         log.info("loaded %s (version %s) on %s", path, self.bundle.version, device)
 
@@ -281,7 +288,11 @@ class M2Predictor:
         """One model call for the batch; outputs in the order of `items`."""
         b = self.bundle
         frames = torch.from_numpy(np.stack([it.frame for it in items]))
-        tok_rgb = b.image_tokenizer.encode(frames).reshape(len(items), -1)  # (B, 256)
+        if self.domain is not None:
+            tok_rgb, features = encode_with_features(b.image_tokenizer, frames)
+        else:
+            tok_rgb, features = b.image_tokenizer.encode(frames), None
+        tok_rgb = tok_rgb.reshape(len(items), -1)  # (B, 256)
         groups: dict[tuple, list[int]] = {}
         for i, it in enumerate(items):
             groups.setdefault(it.group_key(), []).append(i)
@@ -320,9 +331,19 @@ class M2Predictor:
         grids = np.concatenate([r[3] for r in results]).reshape(-1, IMAGE_GRID, IMAGE_GRID)
         pictures = b.image_tokenizer.decode(torch.from_numpy(grids)).cpu().numpy()
         outputs, at = [], 0
-        for it, (coords, caption, coords_next, tok_next, extra) in zip(items, results, strict=True):
+        for k, (it, (coords, caption, coords_next, tok_next, extra)) in enumerate(
+            zip(items, results, strict=True)
+        ):
             outputs.append(
-                Output(coords, caption, coords_next, tok_next, pictures[at : at + it.steps], *extra)
+                Output(
+                    coords,
+                    caption,
+                    coords_next,
+                    tok_next,
+                    pictures[at : at + it.steps],
+                    *extra,
+                    None if features is None else features[k],
+                )
             )
             at += it.steps
         return outputs
@@ -342,6 +363,16 @@ class M2Predictor:
         future = pose.decode_future(out.coords_next, strict=False)  # (steps, 6, 13, 3)
         future = self._to_pixels(future, item.box)
         warnings = list(item.warnings)
+        domain_score = self._domain_score(out, pose.decode(out.coords, strict=False))
+        if domain_score is not None and domain_score > 1.0:
+            warnings.append(
+                {
+                    "code": "out_of_domain",
+                    "message": f"this frame is unlike the frames the model was trained on "
+                    f"(domain score {domain_score:.2f}, above 1 is out of domain): the skeleton, "
+                    "caption and forecast are likely wrong",
+                }
+            )
         # A skeleton the model read with no joint visible: a caption of the empty frame would
         # be made up, so there is none, and the answer says why.
         nobody = item.coords_ids is None and not (now[:, 2] > 0.5).any()
@@ -390,6 +421,7 @@ class M2Predictor:
             "temperature": item.temperature,
             "seed": item.seed,
             "warnings": warnings,
+            "domain_score": None if domain_score is None else round(float(domain_score), 3),
             "action": self._action_name(out.action),
             "confidence": None
             if confidence is None
@@ -402,6 +434,13 @@ class M2Predictor:
             item.background_jpeg, item.thumb_scale, now, future, pngs, self.version, confidence
         )
         return fields, pred
+
+    def _domain_score(self, out: Output, skeleton: np.ndarray) -> float | None:
+        if self.domain is None or out.image_features is None:
+            return None
+        return float(
+            self.domain.score(out.image_features[None], skeleton_features(skeleton[None]))[0]
+        )
 
     def _action_name(self, action: int | None) -> str | None:
         names = self._action_names()

@@ -51,9 +51,11 @@ class Links(BaseModel):
 
 LOW_CONFIDENCE = 0.5  # a joint whose confidence is below this is "uncertain"
 
-WarningCode = Literal["animated_image", "no_person", "low_confidence_joints"]
+WarningCode = Literal["animated_image", "out_of_domain", "no_person", "low_confidence_joints"]
 WARNING_CODES: dict[str, str] = {
     "animated_image": "an animated upload: only its first frame was used",
+    "out_of_domain": "the frame is unlike the checkpoint's training frames (`domain_score` "
+    "above 1): treat every output as a guess",
     "no_person": "the model found no visible joint: no caption, and the forecast means nothing",
     "low_confidence_joints": "visible joints of the skeleton read from the frame whose "
     f"confidence is below {LOW_CONFIDENCE} (format-2 checkpoints; named in the message)",
@@ -92,6 +94,12 @@ class PredictResponse(BaseModel):
     )
     confidence: Confidence | None = Field(
         default=None, description="null for checkpoints without per-joint confidence"
+    )
+    domain_score: float | None = Field(
+        default=None,
+        description="how far the frame (and the skeleton read from it) is from the training "
+        "frames, over the checkpoint's threshold: above 1 is `out_of_domain`; null for "
+        "checkpoints without in-domain statistics (m2 calibrate-domain)",
     )
     joint_names: list[str] = Field(default_factory=lambda: list(JOINT_NAMES))
     width: int = Field(description="upload width (after EXIF orientation)")

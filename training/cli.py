@@ -40,6 +40,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "fit a checkpoint's next-frame head (the next key frame)",
     ),
     "eval": ("training.eval.evaluate", "evaluate a checkpoint against baselines"),
+    "calibrate-domain": (
+        "training.eval.domain",
+        "store a checkpoint's in-domain statistics (the out_of_domain warning)",
+    ),
     "serve": ("service.cli", "serve a checkpoint over HTTP"),
     "predict": ("service.predict_cli", "predict from one frame, locally or via a server"),
 }

@@ -201,3 +201,23 @@ def test_format2_action_and_uncertain_joints_are_shown(browser, tmp_path):
         )
         assert page.is_visible("#uncertain") and page.text_content("#uncertain") == want
         page.screenshot(path=str(tmp_path / "format2.png"), full_page=True)
+
+
+def test_a_real_photo_shows_the_out_of_domain_warning(browser, tmp_path):
+    """The bundled demo was trained on synthetic clips: a real photo (scikit-image's coffee
+    cup) gets the out_of_domain warning, shown on the page."""
+    pytest.importorskip("skimage")
+    from ood_corpus import photo_dir
+
+    demo = Path(__file__).resolve().parents[2] / "checkpoints" / "m2-demo"
+    with run_server(demo) as url:
+        page = browser.new_page()
+        page.goto(url + "/")
+        _predict(page, photo_dir() / "coffee.png")
+        data = page.evaluate("() => JSON.parse(document.getElementById('json').textContent)")
+        assert data["domain_score"] > 1
+        assert page.is_visible("#warnings")
+        assert "unlike the frames the model was trained on" in page.text_content("#warnings")
+        assert page.text_content("#caption").startswith("guess: ")  # not shown as an answer
+        assert "doubtful" in page.get_attribute("#result", "class")
+        page.screenshot(path=str(tmp_path / "photo-warning.png"), full_page=True)
