@@ -66,7 +66,10 @@ class Chain:
         self.times["encode"] += time.perf_counter() - t0
         return out
 
-    def queries(self, name: str, B: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    def queries(
+        self, name: str, B: int, device: torch.device
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """(mod, pos, the present token at each position, the present skeleton per sample)."""
         n = self.registry[name].num_tokens
         mod = torch.full((B, n), self.model.names.index(name), device=device)
         pos = torch.arange(n, device=device).expand(B, n)
@@ -74,7 +77,8 @@ class Chain:
         if name in PRESENT_OF:  # the present at the same position (every future frame)
             now = self.known[PRESENT_OF[name]][0]
             prior = now.repeat(1, n // now.shape[1])
-        return mod, pos, prior
+        pose = self.known["coords"][0] if "coords" in self.known else None
+        return mod, pos, prior, pose
 
     def run(self, name: str, scheme: str, ctx: Inputs, cross_mask: Tensor | None) -> Tensor:
         t0 = time.perf_counter()
@@ -91,15 +95,15 @@ class Chain:
         self, name: str, ctx: Inputs, kv: list, cross_mask: Tensor | None, steps: int
     ) -> Tensor:
         model, B = self.model, ctx.mod.shape[0]
-        mod, pos, prior = self.queries(name, B, ctx.mod.device)
+        mod, pos, prior, pose = self.queries(name, B, ctx.mod.device)
         n = mod.shape[1]
         ids = torch.full((B, n), -1, dtype=torch.long, device=mod.device)
         conf_all = torch.zeros(B, n, device=mod.device)
         valid = torch.ones_like(ids, dtype=torch.bool)
         for t in range(1, steps + 1):
-            x = model.embed(ids, mod, pos, valid, query=True, prior=prior)
+            x = model.embed(ids, mod, pos, valid, query=True, prior=prior, present_pose=pose)
             h = model.decode(x, kv, cross_mask).flatten(0, 1)
-            _, s = model.slots(name, ids, mod, pos, valid, prior)
+            _, s = model.slots(name, ids, mod, pos, valid, prior, pose)
             temp = self.cfg.temperature if steps > 1 else 0.0
             got, conf = model.adapters[name].readout(h, s, ctx, temp, self.gens)
             got, conf = got.view(B, n), conf.view(B, n)

@@ -33,6 +33,7 @@ target_budget; slots grouped by modality in registry order, then padding):
 | dec_mod, dec_pos, dec_valid | (B, T) | as for inputs |
 | dec_labels | (B, T) int64 | target id, or -100 (padding / revealed: no loss) |
 | dec_prior | (B, T) int64 | for `coords_next` / `tok_rgb_next` targets: the present token at that position (`coords` joint/component, `tok_rgb` cell), else -1 |
+| present_pose | (B, 39) int64 | the sample's present skeleton (`coords`), -1 where it has none: what a future skeleton starts from |
 | action | (B,) int64 | only when the raw samples carry it: the clip's action id (-1 = unknown) |
 
 Per-sample cost is tens of microseconds (bench/bench_model.py measures it).
@@ -48,7 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from m2core.modalities import build_registry
+from m2core.modalities import TOKENS_PER_POSE, build_registry
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 # Per-sample labels that are not modalities: passed through to the batch as one int64 each
@@ -259,6 +260,9 @@ def mask_sample(
         i, t = i + k_in, t + k_t
     out["enc_valid"][:i] = True
     out["dec_valid"][:t] = True
+    out["present_pose"] = (
+        ids["coords"] if "coords" in ids else np.full(TOKENS_PER_POSE, -1, np.int64)
+    )
     return {**out, **extra}
 
 

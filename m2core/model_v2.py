@@ -48,6 +48,7 @@ class M2ConfigV2:
     input_tokens: int = 128  # encoder slots per training sample
     target_tokens: int = 128  # decoder slots per training sample
     norm_eps: float = 1e-6
+    query_shape: bool = False  # future skeleton queries carry the present skeleton's shape
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_levels", tuple(int(v) for v in self.image_levels))
@@ -110,7 +111,8 @@ class M2ModelV2(nn.Module):
         self.target_names: tuple[str, ...] = reg.targets
         D = config.dim
         self.adapters = nn.ModuleDict({
-            n: build_adapter(m, D, config.image_levels, reg[PRESENT_OF[n]] if n in PRESENT_OF else None)
+            n: build_adapter(m, D, config.image_levels, reg[PRESENT_OF[n]] if n in PRESENT_OF else None,
+                             config.query_shape)
             for n, m in reg.items()
         })  # fmt: skip
         for a in self.adapters.values():
@@ -151,12 +153,14 @@ class M2ModelV2(nn.Module):
         pos: Tensor,
         valid: Tensor,
         prior: Tensor | None = None,
+        present_pose: Tensor | None = None,
     ) -> tuple[Tensor, Slots]:
         """The flat indices of one modality's filled slots in (B, N) tensors, and their view."""
         sel = (valid & (mod == self.names.index(name))).flatten().nonzero().squeeze(1)
         n = mod.shape[1]
         present = prior.flatten()[sel] if prior is not None else None
-        return sel, Slots(ids.flatten()[sel], pos.flatten()[sel], sel // n, mod.shape[0], present)
+        return sel, Slots(ids.flatten()[sel], pos.flatten()[sel], sel // n, mod.shape[0], present,
+                          present_pose)  # fmt: skip
 
     def embed(
         self,
@@ -166,12 +170,13 @@ class M2ModelV2(nn.Module):
         valid: Tensor,
         query: bool,
         prior: Tensor | None = None,
+        present_pose: Tensor | None = None,
     ) -> Tensor:
         """(B, N) slots -> (B, N, D): each modality's slots through its adapter."""
         B, N = mod.shape
         x = torch.zeros(B * N, self.config.dim, device=mod.device, dtype=self.mod_emb.weight.dtype)
         for name in self.names:
-            sel, s = self.slots(name, ids, mod, pos, valid, prior)
+            sel, s = self.slots(name, ids, mod, pos, valid, prior, present_pose)
             if len(sel):
                 a = self.adapters[name]
                 x[sel] = (a.embed_query(s) if query else a.embed_input(s)).to(x.dtype)
@@ -232,7 +237,8 @@ class M2ModelV2(nn.Module):
             batch["dec_pos"],
             batch["dec_valid"],
         )
-        x = self.embed(q, mod, pos, valid, query=True, prior=batch.get("dec_prior"))
+        x = self.embed(q, mod, pos, valid, query=True, prior=batch.get("dec_prior"),
+                       present_pose=batch.get("present_pose"))  # fmt: skip
         h = self.decode(x, self.context_kv(ctx), cross_mask, self.target_mask(mod, valid))
         return h.flatten(0, 1), ctx
 

@@ -23,10 +23,16 @@ KINDS = {"image": ImageAdapter, "pose": PoseAdapter, "text": TextAdapter, "label
 
 
 def build_adapter(
-    mod: Modality, dim: int, image_levels: tuple[int, ...], present: Modality | None
+    mod: Modality,
+    dim: int,
+    image_levels: tuple[int, ...],
+    present: Modality | None,
+    query_shape: bool = False,
 ) -> Adapter:
     """The adapter of one registry entry; `present` is the modality a future one starts from."""
-    return KINDS[mod.kind](mod, dim, image_levels=image_levels, present=present)
+    return KINDS[mod.kind](
+        mod, dim, image_levels=image_levels, present=present, query_shape=query_shape
+    )
 
 
 __all__ = ["KINDS", "Adapter", "Inputs", "Slots", "build_adapter"]

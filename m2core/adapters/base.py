@@ -20,6 +20,7 @@ class Slots:
     row: Tensor  # (n,) sample index
     batch: int  # B
     present: Tensor | None = None  # (n,) the present token at this position, -1 = none
+    present_pose: Tensor | None = None  # (B, 39) each sample's present skeleton, -1 = unknown
 
 
 @dataclass

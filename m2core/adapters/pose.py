@@ -74,7 +74,14 @@ def skeleton_shape(ids: Tensor, pos: Tensor, row: Tensor, batch: int) -> Tensor:
 
 
 class PoseAdapter(Adapter):
-    def __init__(self, mod: Modality, dim: int, present: Modality | None = None, **_: object):
+    def __init__(
+        self,
+        mod: Modality,
+        dim: int,
+        present: Modality | None = None,
+        query_shape: bool = False,
+        **_: object,
+    ):
         super().__init__(mod, dim)
         self.future = present is not None
         omega = math.pi * (POSE_BINS / 8) ** (torch.arange(FEATURES // 2) / (FEATURES // 2 - 1))
@@ -87,6 +94,12 @@ class PoseAdapter(Adapter):
         self.shape = (
             nn.Sequential(nn.Linear(SHAPE, dim), nn.GELU(), nn.Linear(dim, dim))
             if mod.can_input
+            else None
+        )
+        # future queries carry the present skeleton's shape: the motion is a function of it
+        self.query_shape = (
+            nn.Sequential(nn.Linear(SHAPE, dim), nn.GELU(), nn.Linear(dim, dim))
+            if self.future and query_shape
             else None
         )
         self.coord_out = nn.Linear(dim, 3)  # value (future: displacement), log scale, cell offset
@@ -120,6 +133,12 @@ class PoseAdapter(Adapter):
         x = super().embed_query(s)
         if self.future and s.present is not None:
             x = x + torch.where((s.present >= 0)[:, None], self.value(s.present.clamp(min=0)), 0.0)
+        if self.query_shape is not None and s.present_pose is not None:
+            B, n = s.present_pose.shape
+            pos = torch.arange(n, device=x.device).repeat(B)
+            row = torch.arange(B, device=x.device).repeat_interleave(n)
+            shape = skeleton_shape(s.present_pose.flatten(), pos, row, B)
+            x = x + self.query_shape(shape.to(x.dtype))[s.row]
         return x
 
     # --- outputs ---------------------------------------------------------------------

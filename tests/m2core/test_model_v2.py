@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from m2core.adapters import build_adapter
+from m2core.adapters import Slots, build_adapter
 from m2core.adapters.pose import bin_value
 from m2core.chain import generate
 from m2core.checkpoint import load_checkpoint, save_checkpoint
@@ -167,7 +167,8 @@ def test_label_adapter_overfits_a_batch():
 # --- 2. every parameter trains --------------------------------------------------------------
 
 
-def test_every_parameter_receives_a_gradient():
+@pytest.mark.parametrize("query_shape", [False, True])
+def test_every_parameter_receives_a_gradient(query_shape):
     """Three samples that together put every modality in as an input and out as a target
     (each set's modalities fit the budgets whole, so the split is not left to chance)."""
     sets = (
@@ -178,7 +179,7 @@ def test_every_parameter_receives_a_gradient():
         AlphaSet({"tok_rgb": 1.0}, {"coords": 1.0, "captions": 1.0, "action": 1.0}),
         AlphaSet({"captions": 1.0}, {"tok_rgb": 1.0}),
     )
-    batch, model = _batch(*sets, n=3, reveal=1.0), _model()
+    batch, model = _batch(*sets, n=3, reveal=1.0), _model(query_shape=query_shape)
     inputs = set(batch["enc_mod"][batch["enc_valid"]].tolist())
     targets = set(batch["dec_mod"][batch["dec_valid"] & (batch["dec_labels"] >= 0)].tolist())
     reg = model.config.registry()
@@ -333,6 +334,27 @@ def test_future_pose_with_no_displacement_is_the_present():
     flag = s.pos % 3 == 2
     assert ((ids[~flag] - s.present[~flag]).abs() <= 1).all()
     assert torch.equal(ids[flag], s.present[flag])  # a future flag starts from the present one
+
+
+def test_future_queries_carry_the_whole_present_skeleton_only_with_query_shape():
+    """With query_shape, a future slot's query changes when another joint of the present
+    skeleton moves (the shape); without it, only its own joint's present value enters."""
+    rng = np.random.default_rng(3)
+    pose = torch.from_numpy(random_sample(rng, IMAGE_VOCAB, TEXT_VOCAB, CAPTION_LEN)["coords"])
+    moved = pose.clone()
+    moved[0] = (moved[0] + 2000) % POSE_BINS  # the head's x
+    pos = torch.tensor([36, 37])  # the right ankle's x and y in the first future frame
+    for query_shape, changes in ((False, False), (True, True)):
+        future = _model(query_shape=query_shape).adapters["coords_next"]
+
+        def q(p, future=future):
+            s = Slots(
+                torch.full((2,), -1), pos, torch.zeros(2, dtype=torch.long), 1, p[pos], p[None]
+            )
+            return future.embed_query(s)
+
+        with torch.no_grad():
+            assert (not torch.allclose(q(pose), q(moved))) == changes
 
 
 # --- 6. config ------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from m2core.modalities import TOKENS_PER_POSE
 from m2core.model import PRESENT_OF
 from training.data.shards import MaskedDataset, Shards, load_meta
 from training.eval import metrics as M
@@ -78,6 +79,8 @@ def full_batch(
         "enc_ids": ids, "enc_mod": mod, "enc_pos": pos, "enc_valid": valid,
         "dec_query": query, "dec_mod": torch.full_like(x, names.index(target)), "dec_pos": tpos,
         "dec_valid": tvalid, "dec_labels": labels, "dec_prior": prior,
+        "present_pose": rows["coords"] if "coords" in rows
+        else torch.full((len(x), TOKENS_PER_POSE), -1, dtype=torch.long),
     }  # fmt: skip
 
 
