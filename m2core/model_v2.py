@@ -49,6 +49,7 @@ class M2ConfigV2:
     target_tokens: int = 128  # decoder slots per training sample
     norm_eps: float = 1e-6
     query_shape: bool = False  # future skeleton queries carry the present skeleton's shape
+    future_l2: bool = False  # future positions train by squared error (their mean), not L1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_levels", tuple(int(v) for v in self.image_levels))
@@ -112,7 +113,7 @@ class M2ModelV2(nn.Module):
         D = config.dim
         self.adapters = nn.ModuleDict({
             n: build_adapter(m, D, config.image_levels, reg[PRESENT_OF[n]] if n in PRESENT_OF else None,
-                             config.query_shape)
+                             config.query_shape, config.future_l2)
             for n, m in reg.items()
         })  # fmt: skip
         for a in self.adapters.values():

@@ -28,10 +28,16 @@ def build_adapter(
     image_levels: tuple[int, ...],
     present: Modality | None,
     query_shape: bool = False,
+    future_l2: bool = False,
 ) -> Adapter:
     """The adapter of one registry entry; `present` is the modality a future one starts from."""
     return KINDS[mod.kind](
-        mod, dim, image_levels=image_levels, present=present, query_shape=query_shape
+        mod,
+        dim,
+        image_levels=image_levels,
+        present=present,
+        query_shape=query_shape,
+        future_l2=future_l2,
     )
 
 

@@ -39,6 +39,7 @@ SHAPE = NUM_JOINTS * 6 + 3  # skeleton_shape's width
 MOVE_SCALE = 0.05  # a displacement output of 1 = 5% of the frame
 B_MIN = 1e-3  # smallest Laplace scale, frame units (a quarter pixel)
 L1_WEIGHT = 10.0  # of the position's L1 error (frame units) beside the scale's NLL
+L2_WEIGHT = 100.0  # of a future position's squared error, with future_l2 (same gradient at 5%)
 
 
 def bin_value(ids: Tensor) -> Tensor:
@@ -80,10 +81,12 @@ class PoseAdapter(Adapter):
         dim: int,
         present: Modality | None = None,
         query_shape: bool = False,
+        future_l2: bool = False,
         **_: object,
     ):
         super().__init__(mod, dim)
         self.future = present is not None
+        self.l2 = self.future and future_l2
         omega = math.pi * (POSE_BINS / 8) ** (torch.arange(FEATURES // 2) / (FEATURES // 2 - 1))
         self.register_buffer("omega", omega, persistent=False)
         self.coord_in = nn.Linear(FEATURES, dim)
@@ -189,7 +192,10 @@ class PoseAdapter(Adapter):
         is_flag = labels >= POSE_BINS
         y = bin_value(labels.clamp(0, POSE_BINS - 1))
         err = (y - mu).abs()
-        nll = L1_WEIGHT * err + err.detach() / b + b.log()
+        # the squared error's optimum is the mean displacement: it moves off zero velocity as
+        # soon as the direction is known a little; L1's median stays at zero until then
+        fit = L2_WEIGHT * err.square() if self.l2 else L1_WEIGHT * err
+        nll = fit + err.detach() / b + b.log()
         bce = F.binary_cross_entropy_with_logits(
             flag, (labels == POSE_BINS + 1).float(), reduction="none"
         )

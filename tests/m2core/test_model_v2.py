@@ -167,8 +167,8 @@ def test_label_adapter_overfits_a_batch():
 # --- 2. every parameter trains --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("query_shape", [False, True])
-def test_every_parameter_receives_a_gradient(query_shape):
+@pytest.mark.parametrize("options", [{}, {"query_shape": True, "future_l2": True}])
+def test_every_parameter_receives_a_gradient(options):
     """Three samples that together put every modality in as an input and out as a target
     (each set's modalities fit the budgets whole, so the split is not left to chance)."""
     sets = (
@@ -179,7 +179,7 @@ def test_every_parameter_receives_a_gradient(query_shape):
         AlphaSet({"tok_rgb": 1.0}, {"coords": 1.0, "captions": 1.0, "action": 1.0}),
         AlphaSet({"captions": 1.0}, {"tok_rgb": 1.0}),
     )
-    batch, model = _batch(*sets, n=3, reveal=1.0), _model(query_shape=query_shape)
+    batch, model = _batch(*sets, n=3, reveal=1.0), _model(**options)
     inputs = set(batch["enc_mod"][batch["enc_valid"]].tolist())
     targets = set(batch["dec_mod"][batch["dec_valid"] & (batch["dec_labels"] >= 0)].tolist())
     reg = model.config.registry()
@@ -355,6 +355,33 @@ def test_future_queries_carry_the_whole_present_skeleton_only_with_query_shape()
 
         with torch.no_grad():
             assert (not torch.allclose(q(pose), q(moved))) == changes
+
+
+def test_future_l2_trains_the_mean_displacement_and_l1_the_median():
+    """One future coordinate that moves +0.04 in 3 samples of 5 and -0.04 in 2: L1 settles
+    on the median (+0.04), the squared error on the mean (+0.008)."""
+    from m2core.adapters.pose import MOVE_SCALE
+
+    torch.manual_seed(0)
+    got = {}
+    for l2 in (False, True):
+        future = _model(future_l2=l2).adapters["coords_next"]
+        h = torch.zeros(5, 32)
+        present = torch.full((5,), POSE_BINS // 2)
+        s = Slots(
+            torch.full((5,), -1), torch.zeros(5, dtype=torch.long), torch.arange(5), 5, present
+        )
+        move = round(0.04 * POSE_BINS)
+        labels = present + torch.tensor([move, move, move, -move, -move])
+        opt = torch.optim.Adam(future.coord_out.parameters(), lr=0.02)
+        for _ in range(400):
+            total, n = future.loss(h, s, labels)
+            opt.zero_grad()
+            (total / n).backward()
+            opt.step()
+        got[l2] = float(MOVE_SCALE * future.coord_out.bias[0].detach())
+    assert abs(got[False] - 0.04) < 0.006, got
+    assert abs(got[True] - 0.008) < 0.004, got
 
 
 # --- 6. config ------------------------------------------------------------------------------
