@@ -16,8 +16,6 @@ measurements, and what the score misses.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +25,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from m2core.tokenizers.image import ImageTokenizer
+from m2core.tokenizers.image import ImageTokenizer, atomic_write
 
 FILE_NAME = "in_domain.safetensors"
 FORMAT = "m2-in-domain/2"
@@ -147,15 +145,7 @@ class DomainCheck:
                    for k in ("mean", "whiten", "bank")}  # fmt: skip
         meta = {"format": FORMAT, "threshold": repr(self.threshold), "quantile": repr(self.quantile),
                 "k": str(self.k), "frames": str(self.frames), "source": self.source}  # fmt: skip
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{FILE_NAME}.")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from a server's other user
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
         return path
 
     @classmethod
@@ -183,13 +173,3 @@ class DomainCheck:
 def feature_count(tokenizer: ImageTokenizer) -> int:
     """Features per frame: the image's (2 per latent channel + 4), then the skeleton's 16."""
     return 2 * len(tokenizer.config.levels) + 4 + 16
-
-
-def image_features(tokenizer: ImageTokenizer, frames: torch.Tensor, batch: int = 32) -> np.ndarray:
-    """encode_with_features' features for many frames, in batches."""
-    return np.concatenate(
-        [
-            encode_with_features(tokenizer, frames[i : i + batch])[1]
-            for i in range(0, len(frames), batch)
-        ]
-    )

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from m2core.in_domain import DomainCheck, encode_with_features, image_features, skeleton_features
+from m2core.in_domain import DomainCheck, encode_with_features, skeleton_features
 from m2core.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
 
 
@@ -87,4 +87,3 @@ def test_features_come_with_the_same_ids_the_tokenizer_gives():
     ids, feats = encode_with_features(tok, frames)
     assert torch.equal(ids, tok.encode(frames))
     assert feats.shape == (3, 2 * 2 + 4) and np.isfinite(feats).all()
-    np.testing.assert_allclose(image_features(tok, frames, batch=2), feats, rtol=1e-5)
