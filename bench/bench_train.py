@@ -28,15 +28,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from training.config import (  # noqa: E402
-    format_duration,
-    load_config,
-    make_plan,
-    masking_config,
-    model_config,
-)
+from training.config import load_config, masking_config, model_config  # noqa: E402
 from training.data.shards import MaskedDataset, Shards, StepSampler, load_meta  # noqa: E402
 from training.export import peak_flops  # noqa: E402
+from training.plan import format_duration, make_plan  # noqa: E402
 from training.train import param_groups  # noqa: E402
 
 

@@ -8,14 +8,15 @@ The research note's keys are accepted as they are written (`batch_size` per devi
 Rules:
 - The YAML file sets values, `key=value` overrides win; each value is parsed with
   `yaml.safe_load`, so `lr=3e-4`, `resume=none` and `model={dim: 64}` all work.
-- Keys are flat. Fields that hold a mapping (`model`, `input_alphas`, `target_alphas`)
-  also take dotted overrides: `model.dim=64`, `target_alphas.captions=2`.
+- Keys are flat. Fields that hold a mapping (`model`, `input_alphas`, `target_alphas`,
+  `short_batch`) also take dotted overrides: `model.dim=64`, `short_batch.batch_size=32`.
 - An unknown key is an error that names it (and the closest known key).
 - Token counts (`total_tokens`, `warmup_tokens`, `eval_interval`, `checkpoint_interval`)
   are in millions of tokens, as in the note; a string with a suffix is an exact count
   (`"200K"`, `"1.5M"`, `"5B"`, or `"640"` tokens).
 - A token is one slot of a sample's budget: a step consumes
-  `batch_size x num_processes x grad_accum x num_tokens_per_sample` tokens.
+  `batch_size x num_processes x grad_accum x num_tokens_per_sample` tokens, plus the
+  short batch's samples times their budget.
 """
 
 from __future__ import annotations
@@ -70,6 +71,10 @@ class TrainConfig:
         default_factory=list
     )  # [{inputs, targets, weight}]
     reveal_prob: float = 0.5  # share of image/pose targets that reveal part of themselves (MaskGIT)
+    # A second batch every step, of short samples with their own budget and mixtures (say the
+    # skeleton alone, a third of a full sample's tokens): {batch_size, input_tokens,
+    # target_tokens, alpha_mixtures, weight}; its loss is added times weight. {} = off.
+    short_batch: dict[str, Any] = field(default_factory=dict)
     # --- evaluation, checkpoints, logging ----------------------------------------------
     eval_interval: float = 100.0  # millions of tokens; 0 = only at the end
     eval_samples: int = 1024  # validation samples per evaluation
@@ -113,103 +118,6 @@ class TrainConfig:
         out = dataclasses.asdict(self)
         out["betas"] = list(self.betas)
         return out
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The run's arithmetic: how many steps the token budget buys on `devices` devices."""
-
-    devices: int
-    global_batch: int
-    tokens_per_step: int
-    total_steps: int
-    warmup_steps: int
-    eval_every: int  # steps; 0 = never during the run
-    checkpoint_every: int
-
-    def describe(self, tokens_per_s: float | None = None) -> str:
-        s = (
-            f"{self.devices} device(s) x batch -> global batch {self.global_batch} samples, "
-            f"{self.tokens_per_step:,} tokens/step, {self.total_steps:,} steps "
-            f"({self.warmup_steps:,} warmup), eval every {self.eval_every:,} steps, "
-            f"checkpoint every {self.checkpoint_every:,} steps"
-        )
-        if tokens_per_s:
-            total = self.total_steps * self.tokens_per_step / tokens_per_s
-            s += f"; at {tokens_per_s:,.0f} tokens/s: {format_duration(total)}"
-        return s
-
-
-def make_plan(cfg: TrainConfig, devices: int) -> Plan:
-    """Steps are the ceiling of tokens / tokens-per-step (5e9 / (512 x 256) = 38,147)."""
-    if devices < 1:
-        raise ValueError(f"devices must be >= 1, got {devices}")
-    global_batch = cfg.batch_size * devices * cfg.grad_accum
-    per_step = global_batch * cfg.num_tokens_per_sample
-
-    def steps(millions: float) -> int:
-        return math.ceil(round(millions * 1e6) / per_step) if millions > 0 else 0
-
-    return Plan(
-        devices=devices,
-        global_batch=global_batch,
-        tokens_per_step=per_step,
-        total_steps=max(1, steps(cfg.total_tokens)),
-        warmup_steps=steps(cfg.warmup_tokens),
-        eval_every=steps(cfg.eval_interval),
-        checkpoint_every=steps(cfg.checkpoint_interval),
-    )
-
-
-def fit_to_time(
-    cfg: TrainConfig,
-    plan: Plan,
-    step: int,
-    steps_per_s: float,
-    seconds_left: float,
-    eval_s: float = 0.0,
-) -> TrainConfig:
-    """`cfg` with total_tokens cut so the remaining steps, at `steps_per_s`, and the
-    evaluations they include (every `plan.eval_every` steps and one at the end, `eval_s`
-    each) take at most `seconds_left`. Never raised, never below the current step + 1."""
-    per_step = 1.0 / steps_per_s + (eval_s / plan.eval_every if plan.eval_every else 0.0)
-    more = int(max(seconds_left - eval_s, 0.0) / per_step)
-    return with_total_steps(cfg, plan, step + max(1, more))
-
-
-def with_total_steps(cfg: TrainConfig, plan: Plan, steps: int) -> TrainConfig:
-    """`cfg` ending after min(steps, plan.total_steps) steps; warmup is kept when it fits
-    in the first tenth of the new total, else shrunk to that tenth."""
-    if steps >= plan.total_steps:
-        return cfg
-    total = steps * plan.tokens_per_step / 1e6
-    return dataclasses.replace(
-        cfg, total_tokens=total, warmup_tokens=min(cfg.warmup_tokens, total / 10)
-    )
-
-
-def lr_at(cfg: TrainConfig, tokens: float) -> float:
-    """Learning rate once `tokens` tokens have been consumed: linear warmup from 0 to `lr`
-    over `warmup_tokens`, then cosine from `lr` to `min_lr` at `total_tokens`, then flat.
-
-    A step's lr is the schedule at the token count that step reaches, so the first step
-    already learns and the last one runs at `min_lr`.
-    """
-    warm, total = cfg.warmup_tokens * 1e6, cfg.total_tokens * 1e6
-    if tokens < warm:
-        return cfg.lr * tokens / warm
-    if tokens >= total:
-        return cfg.min_lr
-    progress = (tokens - warm) / (total - warm)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-def format_duration(seconds: float) -> str:
-    seconds = max(0, round(seconds))
-    d, rem = divmod(seconds, 86400)
-    h, rem = divmod(rem, 3600)
-    m, s = divmod(rem, 60)
-    return f"{d}d {h:02d}h {m:02d}m" if d else f"{h}h {m:02d}m {s:02d}s"
 
 
 # --- loading ----------------------------------------------------------------------------
@@ -312,7 +220,7 @@ def _apply_override(values: dict[str, Any], key: str, value: Any) -> None:
     if not rest:
         values[canon] = value
         return
-    if canon not in ("model", "input_alphas", "target_alphas"):
+    if canon not in ("model", "input_alphas", "target_alphas", "short_batch"):
         raise ValueError(f"override {key!r}: {canon!r} is not a mapping, use {canon}=VALUE")
     sub = dict(values.get(canon) or {})
     sub[rest] = value
@@ -441,6 +349,7 @@ def _validate(cfg: TrainConfig) -> None:
             ok = isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
             need(ok, f"{name}.{k} must be a number >= 0, got {v!r}")
     masking_config(cfg)  # alphas name real modalities, mixtures are well formed
+    short_batch(cfg)
 
 
 def model_config(cfg: TrainConfig, meta: dict[str, Any]) -> Any:
@@ -491,3 +400,52 @@ def masking_config(cfg: TrainConfig) -> Any:
         return MaskingConfig(cfg.input_tokens, cfg.target_tokens, sets, cfg.reveal_prob)
     except (TypeError, ValueError) as e:
         raise ValueError(f"config: masking: {e}") from None
+
+
+@dataclass(frozen=True)
+class ShortBatch:
+    """The run's second batch (`short_batch`): per-device samples, their masking, loss weight."""
+
+    batch_size: int
+    masking: Any  # m2core.masking.MaskingConfig
+    weight: float
+
+    @property
+    def tokens_per_sample(self) -> int:
+        return self.masking.input_budget + self.masking.target_budget
+
+
+SHORT_KEYS = ("batch_size", "input_tokens", "target_tokens", "alpha_mixtures", "weight")
+
+
+def short_batch(cfg: TrainConfig) -> ShortBatch | None:
+    """The `short_batch` of this run, checked; None when it is off ({})."""
+    from m2core.masking import AlphaSet, MaskingConfig
+
+    spec = cfg.short_batch
+    if not spec:
+        return None
+    unknown = sorted(set(spec) - set(SHORT_KEYS))
+    if unknown:
+        raise ValueError(
+            f"config: short_batch: unknown key(s) {unknown}; known: {list(SHORT_KEYS)}"
+        )
+    missing = [k for k in SHORT_KEYS[:4] if k not in spec]
+    if missing:
+        raise ValueError(f"config: short_batch needs {missing}")
+    for key in SHORT_KEYS[:3]:
+        v = spec[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"config: short_batch.{key} must be an integer >= 1, got {v!r}")
+    weight = spec.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight > 0:
+        raise ValueError(f"config: short_batch.weight must be a number > 0, got {weight!r}")
+    mixtures = spec["alpha_mixtures"]
+    if not isinstance(mixtures, list) or not mixtures:
+        raise ValueError("config: short_batch.alpha_mixtures must be a non-empty list")
+    try:
+        sets = tuple(AlphaSet(**dict(m)) for m in mixtures)
+        masking = MaskingConfig(spec["input_tokens"], spec["target_tokens"], sets, cfg.reveal_prob)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config: short_batch: {e}") from None
+    return ShortBatch(spec["batch_size"], masking, float(weight))

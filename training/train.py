@@ -19,12 +19,14 @@ Layout of `output_dir`: `checkpoints/step-XXXXXXXX/` (training state, newest `ke
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import logging
-import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, gather_object
+from accelerate.utils import DistributedDataParallelKwargs
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -40,20 +42,17 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from training import train_state as ts
 from training.config import (
-    Plan,
+    ShortBatch,
     TrainConfig,
-    fit_to_time,
-    format_duration,
-    lr_at,
     make_config,
-    make_plan,
     masking_config,
     model_config,
-    with_total_steps,
+    short_batch,
 )
 from training.data.shards import MaskedDataset, Shards, StepSampler, load_meta
 from training.export import export_serving_checkpoint, peak_flops
 from training.losses import accumulate, evaluate_ce, modality_ce, reduce_ce, to_device
+from training.plan import Plan, fit_budget, format_duration, lr_at, make_plan, with_total_steps
 from training.trackers import available_trackers
 
 log = logging.getLogger("training.train")
@@ -92,48 +91,67 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def _rng_tensors(acc: Accelerator) -> dict[str, torch.Tensor]:
-    mine = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        mine["torch_cuda"] = torch.cuda.get_rng_state()
-    states = gather_object([mine]) if acc.num_processes > 1 else [mine]
-    return {f"{k}_{rank}": v for rank, s in enumerate(states) for k, v in s.items()}
+@dataclass
+class _Run:
+    """What the named steps of `train()` share: the config and its plan, the accelerator,
+    the model and optimizer, the data, and the progress so far."""
 
+    cfg: TrainConfig
+    plan: Plan
+    acc: Accelerator
+    model: nn.Module
+    optimizer: Any
+    meta: dict[str, Any]
+    train_shards: Shards
+    val_shards: Shards | None
+    t_start: float  # time_budget counts from here
+    step: int = 0
+    history: dict[str, Any] = field(default_factory=dict)
+    fitted: dict[str, float] | None = None  # what time_budget measured and chose
+    result: TrainResult | None = None
+    eval_took: float = 0.0  # seconds of the last validation pass (time_budget counts them)
+    masks: dict[str, Any] = field(default_factory=dict)  # "main" / "short" -> mask_fn
+    short: ShortBatch | None = None
 
-def _restore_rng(acc: Accelerator, rng: dict[str, torch.Tensor]) -> None:
-    r = acc.process_index
-    if f"torch_cpu_{r}" in rng:
-        torch.set_rng_state(rng[f"torch_cpu_{r}"])
-    if torch.cuda.is_available() and f"torch_cuda_{r}" in rng:
-        torch.cuda.set_rng_state(rng[f"torch_cuda_{r}"])
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.output_dir)
 
+    @property
+    def main(self) -> bool:
+        return self.acc.is_main_process
 
-def _resume_path(cfg: TrainConfig, ckpt_root: Path) -> Path | None:
-    if cfg.resume == "none":
-        return None
-    if cfg.resume == "auto":
-        return ts.latest_checkpoint(ckpt_root)
-    path = Path(cfg.resume)
-    if not (path / ts.STATE_FILE).is_file():
-        raise FileNotFoundError(
-            f"resume={cfg.resume}: not a training checkpoint (no {ts.STATE_FILE})"
-        )
-    return path
+    @property
+    def stop_at(self) -> int:
+        return min(self.plan.total_steps, self.cfg.stop_after_steps or self.plan.total_steps)
+
+    @property
+    def v2(self) -> bool:  # a format-2 model's forward returns its per-modality losses
+        from m2core.model_v2 import M2ModelV2
+
+        return isinstance(self.acc.unwrap_model(self.model), M2ModelV2)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.acc.unwrap_model(self.model).names
 
 
 def train(
     config: TrainConfig | str | Path | dict, overrides: list[str] | tuple[str, ...] = ()
 ) -> TrainResult:
     """Run (or continue) the training described by `config`; see the module docstring."""
-    from m2core.masking import collate, mask_sample
-    from m2core.model import M2Model
-    from m2core.model_v2 import M2ConfigV2, M2ModelV2
+    run = _open(config, overrides, time.perf_counter())
+    batches = _loaders(run)
+    _loop(run, batches)
+    return _finish(run)
 
-    t_start = time.perf_counter()  # time_budget counts from here
+
+def _open(config, overrides, t_start: float) -> _Run:
+    """Config and plan, data, accelerator, model (fresh, initial weights or resumed) and
+    optimizer."""
     cfg = make_config(config, overrides)
     out = Path(cfg.output_dir)
-    ckpt_root = out / "checkpoints"
-    resume_from = _resume_path(cfg, ckpt_root)
+    resume_from = ts.resume_path(cfg, out / "checkpoints")
     # The launcher (accelerate launch / torchrun) says how many processes there will be.
     plan = make_plan(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     if _is_main():
@@ -151,10 +169,12 @@ def train(
             f"model.action_classes={mcfg.action_classes} but {cfg.data_dir} has "
             f"{len(meta['actions'])} actions ({', '.join(meta['actions'])})"
         )
+    short = short_batch(cfg)
+    if short is not None and cfg.model.get("format") != 2:
+        raise ValueError("short_batch needs a format-2 model (model: {format: 2})")
     resume_step = None
     if resume_from is not None:
         resume_step = int(json.loads((resume_from / ts.STATE_FILE).read_text())["step"])
-
     acc = Accelerator(
         cpu=cfg.cpu,
         # a batch may hold no targets of some modality: its head then gets no gradient
@@ -163,7 +183,6 @@ def train(
         log_with=available_trackers(out / "logs", resume_step) if _is_main() else None,
         project_dir=str(out),
     )
-    main = acc.is_main_process
     if acc.num_processes != plan.devices:
         raise ValueError(
             f"WORLD_SIZE says {plan.devices} processes, accelerate has {acc.num_processes}"
@@ -171,40 +190,13 @@ def train(
     if cfg.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
-    torch.manual_seed(cfg.seed)  # same initial weights on every process
-    np.random.seed(cfg.seed)
-    model = M2ModelV2(mcfg) if isinstance(mcfg, M2ConfigV2) else M2Model(mcfg)
-    if cfg.init_from and resume_from is None:
-        fresh = ts.load_initial_weights(cfg.init_from, model)
-        if main:
-            log.info("initial weights from %s%s", cfg.init_from,
-                     f" (new, freshly initialised: {', '.join(fresh)})" if fresh else "")  # fmt: skip
-    if cfg.context_warmup_steps and resume_from is None:
-        from training.pose_context import warm_start
-
-        got = warm_start(model, train_shards, val_shards, cfg.context_warmup_steps, cfg.seed)
-        if main:
-            log.info("pose context warm start: %d steps, training CE %.3f, names the action of "
-                     "%.1f%% of validation skeletons", cfg.context_warmup_steps, got["train_ce"],
-                     100 * got["val_accuracy"])  # fmt: skip
-    if getattr(model, "image_context", None) is not None:
-        # fitted after training, from the pose context it imitates (`m2 fit-image-context`):
-        # the transformer's losses never read it, so it is kept out of the optimizer
-        model.image_context.requires_grad_(False)
-    if (
-        getattr(model, "pose_reader", None) is not None
-    ):  # fitted after training (`m2 fit-pose-reader`)
-        model.pose_reader.requires_grad_(False)
-    if getattr(model, "motion", None) is not None:
-        # fitted after training on the skeletons alone (`m2 fit-motion`); the transformer's
-        # forecast loss reads it, but trains around it, not it
-        model.motion.requires_grad_(False)
+    model = _build_model(cfg, mcfg, train_shards, val_shards, fresh=resume_from is None)
     model = model.to(acc.device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                   fused=acc.device.type == "cuda")  # fmt: skip
-    step, history = 0, {}
-    rng = None
+    run = _Run(cfg, plan, acc, model, optimizer, meta, train_shards, val_shards, t_start)
+    run.short = short
+    rng = state = None
     if resume_from is not None:
         state, rng = ts.load_training_state(resume_from, model, optimizer)
         if state["tokens_per_step"] != plan.tokens_per_step:
@@ -212,239 +204,279 @@ def train(
                 f"resume from {resume_from}: it ran {state['tokens_per_step']:,} tokens/step, this run "
                 f"{plan.tokens_per_step:,} (batch_size x processes x grad_accum x tokens/sample must match)"
             )
-        step, history = int(state["step"]), state.get("metrics", {})
-        if state.get("fitted"):  # a time-budgeted run keeps the schedule it chose
-            cfg = with_total_steps(cfg, plan, state["fitted"]["total_steps"])
-            plan = make_plan(cfg, plan.devices)
-        if main:
-            log.info("resumed from %s at step %d", resume_from, step)
-    model, optimizer = acc.prepare(model, optimizer)
+        run.step, run.history = int(state["step"]), state.get("metrics", {})
+        run.fitted = state.get("fitted")
+        if run.fitted:  # a time-budgeted run keeps the schedule it chose
+            run.cfg = with_total_steps(cfg, plan, run.fitted["total_steps"])
+            run.plan = make_plan(run.cfg, plan.devices)
+        if acc.is_main_process:
+            log.info("resumed from %s at step %d", resume_from, run.step)
+    run.model, run.optimizer = acc.prepare(model, optimizer)
     if rng is not None:
-        _restore_rng(acc, rng)
+        ts.restore_rng(acc, rng)
         if acc.scaler is not None and state.get("scaler"):
             acc.scaler.load_state_dict(state["scaler"])
     else:
         torch.manual_seed(cfg.seed + 1000 * acc.process_index)
     acc.init_trackers(cfg.project, config={k: str(v) for k, v in cfg.to_dict().items()})
+    run.result = TrainResult(out, None, run.step, run.step * run.plan.tokens_per_step)
+    return run
 
-    mcfg_mask = masking_config(cfg)
 
-    def mask_fn(sample, gen):
-        return mask_sample(sample, mcfg_mask, gen)
+def _build_model(cfg: TrainConfig, mcfg, train_shards, val_shards, fresh: bool) -> nn.Module:
+    """The model with its starting weights; parts fitted outside the run are frozen."""
+    from m2core.model import M2Model
+    from m2core.model_v2 import M2ConfigV2, M2ModelV2
 
-    sampler = StepSampler(
-        cfg.batch_size, acc.num_processes, acc.process_index, cfg.grad_accum, step, plan.total_steps
-    )
-    loader = DataLoader(
-        MaskedDataset(train_shards, mask_fn, cfg.seed),
-        batch_sampler=sampler,
-        collate_fn=collate,
-        num_workers=cfg.num_workers,
-        pin_memory=acc.device.type == "cuda",
-        persistent_workers=False,
-        prefetch_factor=4 if cfg.num_workers else None,
-    )
-    names = acc.unwrap_model(model).names
-    v2 = isinstance(acc.unwrap_model(model), M2ModelV2)  # its forward returns per-modality losses
-    peak = cfg.peak_flops or peak_flops(acc.device, cfg.dtype, cfg.tf32)
-    stop_at = min(plan.total_steps, cfg.stop_after_steps or plan.total_steps)
-    result = TrainResult(out, None, step, step * plan.tokens_per_step)
-    eval_took = 0.0  # seconds the last validation pass took (time_budget counts them in)
+    torch.manual_seed(cfg.seed)  # same initial weights on every process
+    np.random.seed(cfg.seed)
+    model = M2ModelV2(mcfg) if isinstance(mcfg, M2ConfigV2) else M2Model(mcfg)
+    if cfg.init_from and fresh:
+        new = ts.load_initial_weights(cfg.init_from, model)
+        if _is_main():
+            log.info("initial weights from %s%s", cfg.init_from,
+                     f" (new, freshly initialised: {', '.join(new)})" if new else "")  # fmt: skip
+    if cfg.context_warmup_steps and fresh:
+        from training.pose_context import warm_start
 
-    def save(step_: int) -> None:
-        rng_t = _rng_tensors(acc)
-        if main:
-            state = {
-                "tokens": step_ * plan.tokens_per_step, "tokens_per_step": plan.tokens_per_step,
-                "data_position": step_ * plan.global_batch, "config": cfg.to_dict(),
-                "scheduler": {"kind": "linear warmup + cosine, in tokens", "lr": lr_at(cfg, step_ * plan.tokens_per_step)},
-                "scaler": acc.scaler.state_dict() if acc.scaler is not None else None, "metrics": history,
-                "fitted": fitted,
-            }  # fmt: skip
-            ts.clean_stale(ckpt_root)
-            ts.save_training_state(ckpt_root, step_, acc.unwrap_model(model), optimizer.optimizer,
-                                   state, rng_t, cfg.keep_checkpoints)  # fmt: skip
-        acc.wait_for_everyone()
+        got = warm_start(model, train_shards, val_shards, cfg.context_warmup_steps, cfg.seed)
+        if _is_main():
+            log.info("pose context warm start: %d steps, training CE %.3f, names the action of "
+                     "%.1f%% of validation skeletons", cfg.context_warmup_steps, got["train_ce"],
+                     100 * got["val_accuracy"])  # fmt: skip
+    # fitted after training by `m2 fit-*`: the transformer's losses train around them
+    for part in ("image_context", "pose_reader", "motion"):
+        if getattr(model, part, None) is not None:
+            getattr(model, part).requires_grad_(False)
+    return model
 
-    def run_eval(step_: int) -> None:
-        nonlocal eval_took
-        if val_shards is None:
-            return
-        t0 = time.perf_counter()
-        ce = evaluate_ce(acc, model, val_shards, mask_fn, cfg)
-        eval_took = time.perf_counter() - t0
-        result.val = ce
-        history[str(step_)] = {f"val/{k}": v for k, v in ce.items()}
-        acc.log({f"val/ce_{k}": v for k, v in ce.items()}, step=step_)
-        if main:
-            log.info(
-                "step %d validation CE: %s", step_, ", ".join(f"{k} {v:.3f}" for k, v in ce.items())
-            )
 
-    model.train()
-    it = iter(loader)
-    bar = tqdm(
-        total=plan.total_steps,
-        initial=step,
-        desc="train",
-        unit="step",
-        disable=not main,
-        dynamic_ncols=True,
-    )
-    window = {"t0": time.perf_counter(), "steps": 0, "wait": 0.0, "loss": [], "mods": {}}
+def _loaders(run: _Run) -> tuple[Iterator, Iterator | None]:
+    """Iterators over the masked batches of each step from `run.step` on: the main batch
+    and, with `short_batch`, the short one (its own positions, from its own seed)."""
+    from m2core.masking import collate, mask_sample
+
+    cfg, acc = run.cfg, run.acc
+    specs = {"main": (masking_config(cfg), cfg.batch_size, cfg.seed, cfg.num_workers)}
+    if run.short is not None:
+        specs["short"] = (run.short.masking, run.short.batch_size, cfg.seed + 7919, 0)
+    its: dict[str, Iterator] = {}
+    for key, (mcfg, batch, seed, workers) in specs.items():
+        run.masks[key] = functools.partial(_mask, mask_sample, mcfg)
+        sampler = StepSampler(batch, acc.num_processes, acc.process_index, cfg.grad_accum,
+                              run.step, run.plan.total_steps)  # fmt: skip
+        its[key] = iter(DataLoader(
+            MaskedDataset(run.train_shards, run.masks[key], seed),
+            batch_sampler=sampler,
+            collate_fn=collate,
+            num_workers=workers,
+            pin_memory=acc.device.type == "cuda",
+            persistent_workers=False,
+            prefetch_factor=4 if workers else None,
+        ))  # fmt: skip
+    return its["main"], its.get("short")
+
+
+def _mask(mask_sample, mcfg, sample, gen):  # a module-level function: worker processes pickle it
+    return mask_sample(sample, mcfg, gen)
+
+
+def _loop(run: _Run, batches: tuple[Iterator, Iterator | None]) -> None:
+    """Steps until the budget (or `stop_after_steps`) is spent: lr, micro-steps, clip,
+    optimizer step; logging, validation and checkpoints at their intervals."""
+    cfg, acc = run.cfg, run.acc
+    run.model.train()
+    bar = tqdm(total=run.plan.total_steps, initial=run.step, desc="train", unit="step",
+               disable=not run.main, dynamic_ncols=True)  # fmt: skip
+    window = _Window()
     speed: list[float] = []
     total_wait = total_time = 0.0
     # time_budget: measure steps/s from step `first + 3` until calibration ends (_fit_budget)
-    fitted = state.get("fitted") if resume_from is not None else None
-    first, mark = step, None
+    first, mark = run.step, None
     with logging_redirect_tqdm():
-        while step < stop_at:
-            if cfg.time_budget and fitted is None:
-                if step == first + 3:
-                    mark = (step, time.perf_counter())
+        while run.step < run.stop_at:
+            if cfg.time_budget and run.fitted is None:
+                if run.step == first + 3:
+                    mark = (run.step, time.perf_counter())
                 elif mark is not None:
-                    eval_s = None if val_shards is None else eval_took
-                    fit = _fit_budget(acc, cfg, plan, step, mark, t_start, eval_s)
-                    if fit is not None:
-                        cfg, fitted = fit
-                        plan = make_plan(cfg, acc.num_processes)
-                        stop_at = min(plan.total_steps, cfg.stop_after_steps or plan.total_steps)
-                        bar.total = plan.total_steps
-                        if main:
-                            log.info("time_budget %.1f min: %.2f steps/s, so %s steps (%s tokens)",
-                                     cfg.time_budget, fitted["steps_per_s"], f"{plan.total_steps:,}",
-                                     f"{plan.total_steps * plan.tokens_per_step:,}")  # fmt: skip
+                    _calibrate(run, mark, bar)
+            cfg = run.cfg
             t_step = time.perf_counter()
-            lr = lr_at(cfg, (step + 1) * plan.tokens_per_step)
-            for g in optimizer.param_groups:
+            lr = lr_at(cfg, (run.step + 1) * run.plan.tokens_per_step)
+            for g in run.optimizer.param_groups:
                 g["lr"] = lr * g.get("lr_scale", 1.0)  # older checkpoints lack it
-            loss_sum = torch.zeros((), device=acc.device)
-            wait = 0.0
-            for micro in range(cfg.grad_accum):
-                t0 = time.perf_counter()
-                batch = to_device(next(it), acc.device)
-                wait += time.perf_counter() - t0
-                sync = micro == cfg.grad_accum - 1
-                with acc.no_sync(model) if not sync else _null():
-                    with acc.autocast():
-                        logits, loss = model(batch)
-                    acc.backward(loss / cfg.grad_accum)
-                loss_sum += loss.detach() / cfg.grad_accum
-                accumulate(window["mods"], logits if v2 else modality_ce(logits, batch, names))
+            loss, wait = _micro_steps(run, batches, window)
             grad_norm = (
-                acc.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                acc.clip_grad_norm_(run.model.parameters(), cfg.clip_grad)
                 if cfg.clip_grad > 0
                 else None
             )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            step_loss = float(acc.reduce(loss_sum, "mean"))
-            result.losses.append(step_loss)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.step += 1
+            step_loss = float(acc.reduce(loss, "mean"))
+            run.result.losses.append(step_loss)
             dt = time.perf_counter() - t_step
             total_wait, total_time = total_wait + wait, total_time + dt
-            window["steps"] += 1
-            window["wait"] += wait
-            window["loss"].append(step_loss)
+            window.add(step_loss, wait)
             bar.update()
-            if step % cfg.log_interval == 0 or step == stop_at:
-                elapsed = time.perf_counter() - window["t0"]
-                tps = window["steps"] * plan.tokens_per_step / elapsed
+            if run.step % cfg.log_interval == 0 or run.step == run.stop_at:
+                tps = _log_window(run, window, lr, grad_norm, bar)
                 speed.append(tps)
-                row = {"train/loss": float(np.mean(window["loss"])), "lr": lr, "tokens_per_s": tps,
-                       "data_wait_share": window["wait"] / elapsed, "tokens": step * plan.tokens_per_step}  # fmt: skip
-                if grad_norm is not None:
-                    row["grad_norm"] = float(grad_norm)
-                row.update(
-                    {f"train/ce_{k}": v for k, v in reduce_ce(acc, window["mods"], names).items()}
-                )
-                if acc.device.type == "cuda" and peak and not v2:
-                    row["mfu"] = acc.unwrap_model(model).estimate_mfu(tps / acc.num_processes, peak)
-                acc.log(row, step=step)
-                bar.set_postfix(loss=f"{row['train/loss']:.3f}", tok_s=f"{tps:,.0f}")
-                if main and len(speed) == 2:  # the first window includes start-up
-                    log.info(
-                        "measured %s tokens/s: full run %s",
-                        f"{tps:,.0f}",
-                        format_duration(plan.total_steps * plan.tokens_per_step / tps),
-                    )
-                window = {
-                    "t0": time.perf_counter(),
-                    "steps": 0,
-                    "wait": 0.0,
-                    "loss": [],
-                    "mods": {},
-                }
-            if plan.eval_every and step % plan.eval_every == 0 and step < plan.total_steps:
-                run_eval(step)
-            if plan.checkpoint_every and step % plan.checkpoint_every == 0 and step < stop_at:
-                save(step)
+                if run.main and len(speed) == 2:  # the first window includes start-up
+                    log.info("measured %s tokens/s: full run %s", f"{tps:,.0f}",
+                             format_duration(run.plan.total_steps * run.plan.tokens_per_step / tps))  # fmt: skip
+                window = _Window()
+            if (
+                run.plan.eval_every
+                and run.step % run.plan.eval_every == 0
+                and run.step < run.plan.total_steps
+            ):
+                _evaluate(run)
+            if (
+                run.plan.checkpoint_every
+                and run.step % run.plan.checkpoint_every == 0
+                and run.step < run.stop_at
+            ):
+                _save(run)
     bar.close()
-    result.step, result.tokens = step, step * plan.tokens_per_step
-    result.tokens_per_s = float(np.median(speed[1:] or speed)) if speed else 0.0
-    result.data_wait_share = total_wait / total_time if total_time else 0.0
-    if step >= plan.total_steps:
-        run_eval(step)
-    save(step)
-    result.finished = step >= plan.total_steps
-    if result.finished and cfg.export:
-        if main:
+    run.result.tokens_per_s = float(np.median(speed[1:] or speed)) if speed else 0.0
+    run.result.data_wait_share = total_wait / total_time if total_time else 0.0
+
+
+def _calibrate(run: _Run, mark: tuple[int, float], bar: tqdm) -> None:
+    eval_s = None if run.val_shards is None else run.eval_took
+    fit = fit_budget(run.acc, run.cfg, run.plan, run.step, mark, run.t_start, eval_s)
+    if fit is None:
+        return
+    run.cfg, run.fitted = fit
+    run.plan = make_plan(run.cfg, run.acc.num_processes)
+    bar.total = run.plan.total_steps
+    if run.main:
+        log.info("time_budget %.1f min: %.2f steps/s, so %s steps (%s tokens)",
+                 run.cfg.time_budget, run.fitted["steps_per_s"], f"{run.plan.total_steps:,}",
+                 f"{run.plan.total_steps * run.plan.tokens_per_step:,}")  # fmt: skip
+
+
+def _micro_steps(run: _Run, batches, window: _Window) -> tuple[torch.Tensor, float]:
+    """Forward and backward over the step's micro-batches -> (loss, seconds waiting for
+    data). A short batch goes first and without sync: the main batch's backward, the last
+    one, synchronises both."""
+    cfg, acc, model = run.cfg, run.acc, run.model
+    loss_sum = torch.zeros((), device=acc.device)
+    wait = 0.0
+    it, it_short = batches
+    for micro in range(cfg.grad_accum):
+        work = [("short", it_short, run.short.weight)] if it_short is not None else []
+        for key, source, weight in [*work, ("main", it, 1.0)]:
+            t0 = time.perf_counter()
+            batch = to_device(next(source), acc.device)
+            wait += time.perf_counter() - t0
+            sync = key == "main" and micro == cfg.grad_accum - 1
+            with contextlib.nullcontext() if sync else acc.no_sync(model):
+                with acc.autocast():
+                    logits, loss = model(batch)
+                acc.backward(loss * weight / cfg.grad_accum)
+            loss_sum += weight * loss.detach() / cfg.grad_accum
+            parts = logits if run.v2 else modality_ce(logits, batch, run.names)
+            accumulate(window.mods[key], parts)
+    return loss_sum, wait
+
+
+@dataclass
+class _Window:
+    """What the steps since the last log line add up to."""
+
+    t0: float = field(default_factory=time.perf_counter)
+    steps: int = 0
+    wait: float = 0.0
+    loss: list[float] = field(default_factory=list)
+    mods: dict[str, dict] = field(default_factory=lambda: {"main": {}, "short": {}})
+
+    def add(self, loss: float, wait: float) -> None:
+        self.steps += 1
+        self.wait += wait
+        self.loss.append(loss)
+
+
+def _log_window(run: _Run, w: _Window, lr: float, grad_norm, bar: tqdm) -> float:
+    """One tracker row (loss, lr, tokens/s, data wait, per-modality training loss) -> tokens/s."""
+    acc, plan = run.acc, run.plan
+    elapsed = time.perf_counter() - w.t0
+    tps = w.steps * plan.tokens_per_step / elapsed
+    row = {"train/loss": float(np.mean(w.loss)), "lr": lr, "tokens_per_s": tps,
+           "data_wait_share": w.wait / elapsed, "tokens": run.step * plan.tokens_per_step}  # fmt: skip
+    if grad_norm is not None:
+        row["grad_norm"] = float(grad_norm)
+    row.update({f"train/ce_{k}": v for k, v in reduce_ce(acc, w.mods["main"], run.names).items()})
+    if run.short is not None:
+        got = reduce_ce(acc, w.mods["short"], run.names)
+        row.update({f"train/short_ce_{k}": v for k, v in got.items()})
+    peak = run.cfg.peak_flops or peak_flops(acc.device, run.cfg.dtype, run.cfg.tf32)
+    if acc.device.type == "cuda" and peak and not run.v2:
+        row["mfu"] = acc.unwrap_model(run.model).estimate_mfu(tps / acc.num_processes, peak)
+    acc.log(row, step=run.step)
+    bar.set_postfix(loss=f"{row['train/loss']:.3f}", tok_s=f"{tps:,.0f}")
+    return tps
+
+
+def _evaluate(run: _Run) -> None:
+    """Validation loss per modality on fixed masks (and on the short batch's, as short_*)."""
+    if run.val_shards is None:
+        return
+    t0 = time.perf_counter()
+    ce = evaluate_ce(run.acc, run.model, run.val_shards, run.masks["main"], run.cfg)
+    if run.short is not None:
+        got = evaluate_ce(run.acc, run.model, run.val_shards, run.masks["short"], run.cfg)
+        ce.update({f"short_{k}": v for k, v in got.items()})
+    run.eval_took = time.perf_counter() - t0
+    run.result.val = ce
+    run.history[str(run.step)] = {f"val/{k}": v for k, v in ce.items()}
+    run.acc.log({f"val/ce_{k}": v for k, v in ce.items()}, step=run.step)
+    if run.main:
+        log.info("step %d validation CE: %s", run.step,
+                 ", ".join(f"{k} {v:.3f}" for k, v in ce.items()))  # fmt: skip
+
+
+def _save(run: _Run) -> None:
+    """A training checkpoint (weights, optimizer, RNG of every process, metrics) at run.step."""
+    acc, plan, step = run.acc, run.plan, run.step
+    rng_t = ts.rng_tensors(acc)
+    if run.main:
+        state = {
+            "tokens": step * plan.tokens_per_step, "tokens_per_step": plan.tokens_per_step,
+            "data_position": step * plan.global_batch, "config": run.cfg.to_dict(),
+            "scheduler": {"kind": "linear warmup + cosine, in tokens", "lr": lr_at(run.cfg, step * plan.tokens_per_step)},
+            "scaler": acc.scaler.state_dict() if acc.scaler is not None else None, "metrics": run.history,
+            "fitted": run.fitted,
+        }  # fmt: skip
+        root = run.out / "checkpoints"
+        ts.clean_stale(root)
+        ts.save_training_state(root, step, acc.unwrap_model(run.model), run.optimizer.optimizer,
+                               state, rng_t, run.cfg.keep_checkpoints)  # fmt: skip
+    acc.wait_for_everyone()
+
+
+def _finish(run: _Run) -> TrainResult:
+    """The last validation and checkpoint, and the serving checkpoint when the budget is spent."""
+    acc, result = run.acc, run.result
+    result.step, result.tokens = run.step, run.step * run.plan.tokens_per_step
+    if run.step >= run.plan.total_steps:
+        _evaluate(run)
+    _save(run)
+    result.finished = run.step >= run.plan.total_steps
+    if result.finished and run.cfg.export:
+        if run.main:
             result.final_dir = export_serving_checkpoint(
-                out / "final", acc.unwrap_model(model), cfg, meta, result.val,
+                run.out / "final", acc.unwrap_model(run.model), run.cfg, run.meta, result.val,
                 {"train_loss": result.losses[-1] if result.losses else None, "tokens_per_s": result.tokens_per_s,
-                 "steps": step, "tokens": result.tokens, "processes": acc.num_processes},
+                 "steps": run.step, "tokens": result.tokens, "processes": acc.num_processes},
             )  # fmt: skip
             log.info("serving checkpoint: %s", result.final_dir)
         acc.wait_for_everyone()
-        result.final_dir = out / "final"
+        result.final_dir = run.out / "final"
     acc.end_training()
     return result
-
-
-def _fit_budget(
-    acc: Accelerator,
-    cfg: TrainConfig,
-    plan: Plan,
-    step: int,
-    mark: tuple[int, float],
-    t_start: float,
-    eval_s: float | None,
-) -> tuple[TrainConfig, dict[str, float]] | None:
-    """time_budget: None while calibrating (steps/s measured since `mark`), then `cfg`
-    re-planned to end within the budget, and what was measured. Every process calls it at
-    every step of the calibration and all decide together (a collective), so they stop
-    calibrating at the same step and agree on the new total. `eval_s`: the last validation
-    pass's seconds (0 = none yet, then a third of a step per batch is assumed; None = no
-    validation split)."""
-    now = time.perf_counter()
-    calibrate_s = min(max(2.0, 0.05 * cfg.time_budget * 60), 60.0)
-    ready = now - mark[1] >= calibrate_s and step - mark[0] >= 5
-    flag = torch.tensor(float(ready), device=acc.device)
-    if float(acc.reduce(flag, "sum")) < acc.num_processes:
-        return None
-    rate = (step - mark[0]) / (now - mark[1])
-    if eval_s is None:
-        eval_s = 0.0
-    elif eval_s == 0.0:
-        eval_s = math.ceil(cfg.eval_samples / cfg.batch_size) / rate / 3
-    # leave room for the last checkpoint and the export
-    left = cfg.time_budget * 60 - (now - t_start) - (3.0 + 0.03 * cfg.time_budget * 60)
-    steps = make_plan(
-        fit_to_time(cfg, plan, step, rate, left, eval_s), acc.num_processes
-    ).total_steps
-    steps = int(acc.gather(torch.tensor([steps], device=acc.device)).min())  # the slowest wins
-    return with_total_steps(cfg, plan, steps), {
-        "total_steps": min(steps, plan.total_steps),
-        "steps_per_s": rate,
-    }
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _is_main() -> bool:

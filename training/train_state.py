@@ -25,12 +25,18 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -262,3 +268,32 @@ def load_initial_weights(path: str | Path, model: torch.nn.Module) -> list[str]:
             )
     model.load_state_dict(stored, strict=False)
     return sorted(set(own) - set(stored))
+
+
+def rng_tensors(acc: Accelerator) -> dict[str, torch.Tensor]:
+    """The torch RNG states of every process (a collective), keyed by rank."""
+    mine = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        mine["torch_cuda"] = torch.cuda.get_rng_state()
+    states = gather_object([mine]) if acc.num_processes > 1 else [mine]
+    return {f"{k}_{rank}": v for rank, s in enumerate(states) for k, v in s.items()}
+
+
+def restore_rng(acc: Accelerator, rng: dict[str, torch.Tensor]) -> None:
+    r = acc.process_index
+    if f"torch_cpu_{r}" in rng:
+        torch.set_rng_state(rng[f"torch_cpu_{r}"])
+    if torch.cuda.is_available() and f"torch_cuda_{r}" in rng:
+        torch.cuda.set_rng_state(rng[f"torch_cuda_{r}"])
+
+
+def resume_path(cfg: TrainConfig, ckpt_root: Path) -> Path | None:
+    """The checkpoint `resume` names: auto = the newest under `ckpt_root`, none = None."""
+    if cfg.resume == "none":
+        return None
+    if cfg.resume == "auto":
+        return latest_checkpoint(ckpt_root)
+    path = Path(cfg.resume)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"resume={cfg.resume}: not a training checkpoint (no {STATE_FILE})")
+    return path

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from training.config import TrainConfig, config_from_dict, load_config, lr_at, make_plan
+from training.config import TrainConfig, config_from_dict, load_config
+from training.plan import lr_at, make_plan
 
 REPO = Path(__file__).resolve().parents[2]
 NOTE_KEYS = """

@@ -201,7 +201,8 @@ def test_time_budget_cuts_the_run_and_still_exports(prepared, tmp_path):
 
 
 def test_fit_to_time_never_raises_the_total_and_shrinks_warmup():
-    from training.config import fit_to_time, make_config, make_plan
+    from training.config import make_config
+    from training.plan import fit_to_time, make_plan
 
     cfg = make_config({**TINY, "data_dir": "x", "total_tokens": 1, "warmup_tokens": "100K"})
     plan = make_plan(cfg, 1)  # 256 tokens per step
@@ -754,3 +755,80 @@ def test_pose_reader_shift_moves_tokens_and_joints_together():
     torch.testing.assert_close(new_xy[0], xy[0] + torch.tensor([1 / 16, 0.0]))
     torch.testing.assert_close(new_xy[1], xy[1] - torch.tensor([0.0, 1 / 16]))
     assert inside.tolist() == [[True, False], [True, False]]
+
+
+SHORT = {"batch_size": 4, "input_tokens": 40, "target_tokens": 24, "weight": 0.5,
+         "alpha_mixtures": [{"inputs": {"coords": 1}, "targets": {"coords_next": 1, "action": 1}},
+                            {"inputs": {"coords": 1, "action": 1}, "targets": {"coords_next": 1}}]}  # fmt: skip
+
+
+def test_short_batch_trains_beside_the_main_batch_and_resumes_exactly(prepared, tmp_path):
+    """A format-2 run with a second, short batch a step: its tokens count in the plan, its
+    losses are logged and validated apart, and a resumed run repeats the same losses."""
+    from training.config import make_config
+    from training.plan import make_plan
+
+    cfg = {**TINY, "data_dir": str(prepared), "model": {**TINY["model"], "format": 2},
+           "short_batch": SHORT, "total_tokens": "3072", "eval_interval": "1024"}  # fmt: skip
+    assert make_plan(make_config(cfg), 1).tokens_per_step == 4 * 64 + 4 * 64
+    whole = train({**cfg, "output_dir": str(tmp_path / "a")})
+    assert whole.finished and len(whole.losses) == 6 and all(np.isfinite(whole.losses))
+    assert {"coords_next", "short_coords_next", "short_action"} <= set(whole.val)
+    rows = (tmp_path / "a" / "logs" / "metrics.csv").read_text().splitlines()
+    assert "train/short_ce_coords_next" in {r.split(",")[1] for r in rows[1:]}
+    first = train({**cfg, "output_dir": str(tmp_path / "b"), "stop_after_steps": 3})
+    rest = train({**cfg, "output_dir": str(tmp_path / "b")})
+    assert first.losses + rest.losses == pytest.approx(whole.losses, rel=1e-6, abs=1e-6)
+    # without it the same run takes other steps: the short batch's loss is in every step
+    plain = train({**cfg, "short_batch": {}, "output_dir": str(tmp_path / "c"),
+                   "total_tokens": "1536"})  # fmt: skip
+    assert plain.losses[0] != pytest.approx(whole.losses[0])
+
+
+@pytest.mark.parametrize(
+    "short, match",
+    [
+        ({**SHORT, "size": 3}, "unknown key"),
+        ({k: v for k, v in SHORT.items() if k != "target_tokens"}, "needs"),
+        ({**SHORT, "batch_size": 0}, "batch_size must be an integer"),
+        ({**SHORT, "weight": -1}, "weight must be a number > 0"),
+        ({**SHORT, "alpha_mixtures": []}, "non-empty list"),
+        (
+            {**SHORT, "alpha_mixtures": [{"inputs": {"coords_next": 1}, "targets": {"coords": 1}}]},
+            "cannot be an input",
+        ),
+    ],
+)
+def test_short_batch_config_errors_name_the_key(short, match):
+    from training.config import make_config
+
+    with pytest.raises(ValueError, match=match):
+        make_config({**TINY, "short_batch": short})
+
+
+def test_short_batch_needs_a_format_2_model(prepared, tmp_path):
+    with pytest.raises(ValueError, match="format-2"):
+        train(
+            {**TINY, "data_dir": str(prepared), "output_dir": str(tmp_path), "short_batch": SHORT}
+        )
+
+
+def test_one_format_2_run_trains_every_parameter_the_served_model_has(prepared, tmp_path):
+    """One train() call: every weight of the exported format-2 model moved from its initial
+    value (without weight decay only a gradient moves one), so `generate` uses nothing
+    trained elsewhere."""
+    from m2core.checkpoint import load_checkpoint
+    from m2core.model_v2 import M2ModelV2
+    from training.config import make_config, model_config
+    from training.data.shards import load_meta
+
+    cfg = {**TINY, "data_dir": str(prepared), "output_dir": str(tmp_path / "r"),
+           "model": {**TINY["model"], "format": 2, "query_shape": True}, "weight_decay": 0.0,
+           "total_tokens": "4096", "short_batch": SHORT}  # fmt: skip
+    res = train(cfg)
+    torch.manual_seed(0)  # train() builds its model right after seeding with cfg.seed
+    start = M2ModelV2(model_config(make_config(cfg), load_meta(prepared))).state_dict()
+    served = load_checkpoint(res.final_dir).model.state_dict()
+    assert set(served) == set(start)
+    still = [k for k, v in served.items() if torch.equal(v.float(), start[k].float())]
+    assert still == []

@@ -1,0 +1,152 @@
+"""The run's arithmetic: how many steps the token budget buys, the learning-rate schedule,
+and fitting the step count to a wall-clock budget (`time_budget`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+
+from training.config import TrainConfig, short_batch
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The run's arithmetic: how many steps the token budget buys on `devices` devices."""
+
+    devices: int
+    global_batch: int
+    tokens_per_step: int
+    total_steps: int
+    warmup_steps: int
+    eval_every: int  # steps; 0 = never during the run
+    checkpoint_every: int
+
+    def describe(self, tokens_per_s: float | None = None) -> str:
+        s = (
+            f"{self.devices} device(s) x batch -> global batch {self.global_batch} samples, "
+            f"{self.tokens_per_step:,} tokens/step, {self.total_steps:,} steps "
+            f"({self.warmup_steps:,} warmup), eval every {self.eval_every:,} steps, "
+            f"checkpoint every {self.checkpoint_every:,} steps"
+        )
+        if tokens_per_s:
+            total = self.total_steps * self.tokens_per_step / tokens_per_s
+            s += f"; at {tokens_per_s:,.0f} tokens/s: {format_duration(total)}"
+        return s
+
+
+def make_plan(cfg: TrainConfig, devices: int) -> Plan:
+    """Steps are the ceiling of tokens / tokens-per-step (5e9 / (512 x 256) = 38,147)."""
+    if devices < 1:
+        raise ValueError(f"devices must be >= 1, got {devices}")
+    global_batch = cfg.batch_size * devices * cfg.grad_accum
+    per_step = global_batch * cfg.num_tokens_per_sample
+    short = short_batch(cfg)
+    if short is not None:
+        per_step += short.batch_size * devices * cfg.grad_accum * short.tokens_per_sample
+
+    def steps(millions: float) -> int:
+        return math.ceil(round(millions * 1e6) / per_step) if millions > 0 else 0
+
+    return Plan(
+        devices=devices,
+        global_batch=global_batch,
+        tokens_per_step=per_step,
+        total_steps=max(1, steps(cfg.total_tokens)),
+        warmup_steps=steps(cfg.warmup_tokens),
+        eval_every=steps(cfg.eval_interval),
+        checkpoint_every=steps(cfg.checkpoint_interval),
+    )
+
+
+def fit_to_time(
+    cfg: TrainConfig,
+    plan: Plan,
+    step: int,
+    steps_per_s: float,
+    seconds_left: float,
+    eval_s: float = 0.0,
+) -> TrainConfig:
+    """`cfg` with total_tokens cut so the remaining steps, at `steps_per_s`, and the
+    evaluations they include (every `plan.eval_every` steps and one at the end, `eval_s`
+    each) take at most `seconds_left`. Never raised, never below the current step + 1."""
+    per_step = 1.0 / steps_per_s + (eval_s / plan.eval_every if plan.eval_every else 0.0)
+    more = int(max(seconds_left - eval_s, 0.0) / per_step)
+    return with_total_steps(cfg, plan, step + max(1, more))
+
+
+def with_total_steps(cfg: TrainConfig, plan: Plan, steps: int) -> TrainConfig:
+    """`cfg` ending after min(steps, plan.total_steps) steps; warmup is kept when it fits
+    in the first tenth of the new total, else shrunk to that tenth."""
+    if steps >= plan.total_steps:
+        return cfg
+    total = steps * plan.tokens_per_step / 1e6
+    return dataclasses.replace(
+        cfg, total_tokens=total, warmup_tokens=min(cfg.warmup_tokens, total / 10)
+    )
+
+
+def lr_at(cfg: TrainConfig, tokens: float) -> float:
+    """Learning rate once `tokens` tokens have been consumed: linear warmup from 0 to `lr`
+    over `warmup_tokens`, then cosine from `lr` to `min_lr` at `total_tokens`, then flat.
+
+    A step's lr is the schedule at the token count that step reaches, so the first step
+    already learns and the last one runs at `min_lr`.
+    """
+    warm, total = cfg.warmup_tokens * 1e6, cfg.total_tokens * 1e6
+    if tokens < warm:
+        return cfg.lr * tokens / warm
+    if tokens >= total:
+        return cfg.min_lr
+    progress = (tokens - warm) / (total - warm)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    d, rem = divmod(seconds, 86400)
+    h, rem = divmod(rem, 3600)
+    m, s = divmod(rem, 60)
+    return f"{d}d {h:02d}h {m:02d}m" if d else f"{h}h {m:02d}m {s:02d}s"
+
+
+def fit_budget(
+    acc: Accelerator,
+    cfg: TrainConfig,
+    plan: Plan,
+    step: int,
+    mark: tuple[int, float],
+    t_start: float,
+    eval_s: float | None,
+) -> tuple[TrainConfig, dict[str, float]] | None:
+    """time_budget: None while calibrating (steps/s measured since `mark`), then `cfg`
+    re-planned to end within the budget, and what was measured. Every process calls it at
+    every step of the calibration and all decide together (a collective), so they stop
+    calibrating at the same step and agree on the new total. `eval_s`: the last validation
+    pass's seconds (0 = none yet, then a third of a step per batch is assumed; None = no
+    validation split)."""
+    now = time.perf_counter()
+    calibrate_s = min(max(2.0, 0.05 * cfg.time_budget * 60), 60.0)
+    ready = now - mark[1] >= calibrate_s and step - mark[0] >= 5
+    flag = torch.tensor(float(ready), device=acc.device)
+    if float(acc.reduce(flag, "sum")) < acc.num_processes:
+        return None
+    rate = (step - mark[0]) / (now - mark[1])
+    if eval_s is None:
+        eval_s = 0.0
+    elif eval_s == 0.0:
+        eval_s = math.ceil(cfg.eval_samples / cfg.batch_size) / rate / 3
+    # leave room for the last checkpoint and the export
+    left = cfg.time_budget * 60 - (now - t_start) - (3.0 + 0.03 * cfg.time_budget * 60)
+    steps = make_plan(
+        fit_to_time(cfg, plan, step, rate, left, eval_s), acc.num_processes
+    ).total_steps
+    steps = int(acc.gather(torch.tensor([steps], device=acc.device)).min())  # the slowest wins
+    return with_total_steps(cfg, plan, steps), {
+        "total_steps": min(steps, plan.total_steps),
+        "steps_per_s": rate,
+    }
