@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from training.eval.evaluate import markdown
+from training.eval.report import markdown
 
 
 def _read(path: Path) -> Any:

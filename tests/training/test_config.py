@@ -124,3 +124,11 @@ def test_lr_schedule_boundaries():
 def test_lr_schedule_without_warmup_starts_at_peak():
     cfg = TrainConfig(total_tokens=1, warmup_tokens=0, lr=1e-3, min_lr=0)
     assert lr_at(cfg, 0) == pytest.approx(1e-3)
+
+
+def test_short_batch_takes_dotted_overrides_and_counts_in_the_plan():
+    cfg = load_config(REPO / "configs" / "m2-tiny-v2.yaml", ["short_batch.batch_size=8"])
+    assert cfg.short_batch["batch_size"] == 8 and cfg.short_batch["input_tokens"] == 40
+    assert make_plan(cfg, 1).tokens_per_step == 16 * 456 + 8 * (40 + 128)
+    off = load_config(REPO / "configs" / "m2-tiny-v2.yaml", ["short_batch={}"])
+    assert make_plan(off, 1).tokens_per_step == 16 * 456
