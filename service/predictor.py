@@ -1,9 +1,9 @@
 """The M2 predictor behind the service, in LitServe's shape.
 
 - `setup(device)`: load the checkpoint once (safetensors/JSON only, via m2core.checkpoint).
-- `decode_request(raw) -> Item`: check and decode one upload (format, size before
-  decoding, pixels, EXIF orientation, coords, caption, bounds) into model-ready arrays.
-  Every refusal is a `ServiceError` with its own status.
+- `decode_request(raw) -> Item`: check and decode one upload (format, size and type
+  before decoding, in service/uploads.py; pixels, EXIF orientation, coords, caption,
+  bounds) into model-ready arrays. Every refusal is a `ServiceError` with its own status.
 - `predict(items) -> outputs`: one batched model call: image tokenizer over all frames,
   `generate` per group of requests that share a generation setting, one image-decoder
   call over all predicted key frames. Returns exactly one output per item.
@@ -25,14 +25,11 @@ from m2core.chain import generate as chain_generate
 from m2core.checkpoint import load_checkpoint
 from m2core.generate import GenerationConfig, generate
 from m2core.geometry import (
-    CorruptImage,
     ImageError,
     ImageTooLarge,
     Letterbox,
-    NotAnImage,
     letterbox,
     load_image,
-    probe_image,
 )
 from m2core.in_domain import DomainCheck, encode_with_features, skeleton_features
 from m2core.modalities import IMAGE_GRID, JOINT_NAMES, NUM_JOINTS, TOKENS_PER_POSE
@@ -41,17 +38,11 @@ from service.render import content_crop, encode_png, make_background
 from service.schemas import LOW_CONFIDENCE, MAX_SEED, parse_coords
 from service.settings import Settings
 from service.store import Prediction
+from service.uploads import check_upload
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SEED = 0  # a request without a seed is still reproducible
-# Declared content type -> the format the bytes must have.
-CONTENT_TYPES = {
-    "image/png": "PNG", "image/apng": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG",
-    "image/pjpeg": "JPEG", "image/webp": "WEBP", "image/bmp": "BMP", "image/x-bmp": "BMP",
-    "image/x-ms-bmp": "BMP", "image/gif": "GIF", "image/tiff": "TIFF",
-}  # fmt: skip
-UNTYPED = {"", "application/octet-stream", "binary/octet-stream"}
 
 
 @dataclass
@@ -144,8 +135,7 @@ class M2Predictor:
     def decode_request(self, raw: RawRequest) -> Item:
         s = self.settings
         steps, temperature, seed = self._check_numbers(raw)
-        fmt, n_frames = self._probe(raw.frame)
-        self._check_type(raw.content_type, fmt)
+        _, n_frames = check_upload(raw.frame, raw.content_type, s)
         try:
             img = load_image(raw.frame, max_pixels=s.max_pixels)
         except ImageTooLarge as e:
@@ -213,46 +203,6 @@ class M2Predictor:
                 422, "invalid_field", f"seed must be in [0, 2**63), got {seed}", "seed"
             )
         return raw.steps, t, seed
-
-    def _probe(self, data: bytes) -> tuple[str, int]:
-        """Header only: the format and size are checked before any pixel is decoded."""
-        try:
-            fmt, _, _, n_frames = probe_image(data, max_pixels=self.settings.max_pixels)
-        except NotAnImage:  # name the formats this service takes, not all Pillow reads
-            raise ServiceError(
-                415, "not_an_image",
-                f"upload is not an image; send one of {', '.join(self.settings.allowed_formats)}",
-                "frame",
-            ) from None  # fmt: skip
-        except ImageTooLarge as e:
-            raise ServiceError(413, "image_too_large", str(e), "frame") from None
-        except (CorruptImage, ImageError) as e:
-            raise ServiceError(422, "corrupt_image", str(e), "frame") from None
-        fmt = "JPEG" if fmt == "MPO" else fmt
-        if fmt not in self.settings.allowed_formats:
-            raise ServiceError(
-                415, "unsupported_format",
-                f"{fmt} images are not accepted; send one of {', '.join(self.settings.allowed_formats)}",
-                "frame",
-            )  # fmt: skip
-        return fmt, n_frames
-
-    @staticmethod
-    def _check_type(content_type: str | None, fmt: str) -> None:
-        declared = (content_type or "").split(";")[0].strip().lower()
-        if declared in UNTYPED:
-            return
-        if not declared.startswith("image/"):
-            raise ServiceError(
-                415, "wrong_content_type", f"frame was sent as {declared}, not as an image", "frame"
-            )
-        if CONTENT_TYPES.get(declared) != fmt:
-            raise ServiceError(
-                415,
-                "content_type_mismatch",
-                f"frame was sent as {declared} but the data is {fmt}",
-                "frame",
-            )
 
     def _coords(self, text: str | None, box: Letterbox) -> np.ndarray | None:
         if text is None or not text.strip():
