@@ -127,8 +127,10 @@ def test_lr_schedule_without_warmup_starts_at_peak():
 
 
 def test_short_batch_takes_dotted_overrides_and_counts_in_the_plan():
-    cfg = load_config(REPO / "configs" / "m2-tiny-v2.yaml", ["short_batch.batch_size=8"])
+    short = ("short_batch={batch_size: 32, input_tokens: 40, target_tokens: 128, "
+             "alpha_mixtures: [{inputs: {coords: 1}, targets: {action: 1}}]}")  # fmt: skip
+    path = REPO / "configs" / "m2-tiny-v2.yaml"
+    cfg = load_config(path, [short, "short_batch.batch_size=8"])
     assert cfg.short_batch["batch_size"] == 8 and cfg.short_batch["input_tokens"] == 40
     assert make_plan(cfg, 1).tokens_per_step == 16 * 456 + 8 * (40 + 128)
-    off = load_config(REPO / "configs" / "m2-tiny-v2.yaml", ["short_batch={}"])
-    assert make_plan(off, 1).tokens_per_step == 16 * 456
+    assert make_plan(load_config(path), 1).tokens_per_step == 16 * 456  # off in the config
