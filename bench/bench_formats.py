@@ -79,7 +79,8 @@ def run_side(tree: Path, ckpt: Path, frames: Path, reps: int, threads: int) -> d
 
 
 def test_frames(data: Path, out: Path) -> Path:
-    """16 test-split frames of the prepared data, decoded from their clips' JPEGs."""
+    """16 frames spread over the prepared data's source clips (any split: only timing reads
+    them), decoded from their JPEGs."""
     import numpy as np
     from PIL import Image
 
