@@ -40,6 +40,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from m2core.masking import collate, mask_sample
+from m2core.model_v2 import M2ConfigV2
 from training import train_state as ts
 from training.config import (
     ShortBatch,
@@ -112,6 +114,9 @@ class _Run:
     eval_took: float = 0.0  # seconds of the last validation pass (time_budget counts them)
     masks: dict[str, Any] = field(default_factory=dict)  # "main" / "short" -> mask_fn
     short: ShortBatch | None = None
+    v2: bool = False  # a format-2 model: its forward returns its per-modality losses
+    names: tuple[str, ...] = ()  # the model's modalities, registry order
+    peak: float | None = None  # the device's peak FLOP/s, for MFU
 
     @property
     def out(self) -> Path:
@@ -124,16 +129,6 @@ class _Run:
     @property
     def stop_at(self) -> int:
         return min(self.plan.total_steps, self.cfg.stop_after_steps or self.plan.total_steps)
-
-    @property
-    def v2(self) -> bool:  # a format-2 model's forward returns its per-modality losses
-        from m2core.model_v2 import M2ModelV2
-
-        return isinstance(self.acc.unwrap_model(self.model), M2ModelV2)
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return self.acc.unwrap_model(self.model).names
 
 
 def train(
@@ -170,7 +165,7 @@ def _open(config, overrides, t_start: float) -> _Run:
             f"{len(meta['actions'])} actions ({', '.join(meta['actions'])})"
         )
     short = short_batch(cfg)
-    if short is not None and cfg.model.get("format") != 2:
+    if short is not None and not isinstance(mcfg, M2ConfigV2):
         raise ValueError("short_batch needs a format-2 model (model: {format: 2})")
     resume_step = None
     if resume_from is not None:
@@ -195,7 +190,8 @@ def _open(config, overrides, t_start: float) -> _Run:
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                   fused=acc.device.type == "cuda")  # fmt: skip
     run = _Run(cfg, plan, acc, model, optimizer, meta, train_shards, val_shards, t_start)
-    run.short = short
+    run.short, run.names, run.v2 = short, model.names, isinstance(mcfg, M2ConfigV2)
+    run.peak = cfg.peak_flops or peak_flops(acc.device, cfg.dtype, cfg.tf32)
     rng = state = None
     if resume_from is not None:
         state, rng = ts.load_training_state(resume_from, model, optimizer)
@@ -226,7 +222,7 @@ def _open(config, overrides, t_start: float) -> _Run:
 def _build_model(cfg: TrainConfig, mcfg, train_shards, val_shards, fresh: bool) -> nn.Module:
     """The model with its starting weights; parts fitted outside the run are frozen."""
     from m2core.model import M2Model
-    from m2core.model_v2 import M2ConfigV2, M2ModelV2
+    from m2core.model_v2 import M2ModelV2
 
     torch.manual_seed(cfg.seed)  # same initial weights on every process
     np.random.seed(cfg.seed)
@@ -254,15 +250,13 @@ def _build_model(cfg: TrainConfig, mcfg, train_shards, val_shards, fresh: bool) 
 def _loaders(run: _Run) -> tuple[Iterator, Iterator | None]:
     """Iterators over the masked batches of each step from `run.step` on: the main batch
     and, with `short_batch`, the short one (its own positions, from its own seed)."""
-    from m2core.masking import collate, mask_sample
-
     cfg, acc = run.cfg, run.acc
     specs = {"main": (masking_config(cfg), cfg.batch_size, cfg.seed, cfg.num_workers)}
     if run.short is not None:
         specs["short"] = (run.short.masking, run.short.batch_size, cfg.seed + 7919, 0)
     its: dict[str, Iterator] = {}
     for key, (mcfg, batch, seed, workers) in specs.items():
-        run.masks[key] = functools.partial(_mask, mask_sample, mcfg)
+        run.masks[key] = functools.partial(_mask, mcfg)
         sampler = StepSampler(batch, acc.num_processes, acc.process_index, cfg.grad_accum,
                               run.step, run.plan.total_steps)  # fmt: skip
         its[key] = iter(DataLoader(
@@ -277,7 +271,7 @@ def _loaders(run: _Run) -> tuple[Iterator, Iterator | None]:
     return its["main"], its.get("short")
 
 
-def _mask(mask_sample, mcfg, sample, gen):  # a module-level function: worker processes pickle it
+def _mask(mcfg, sample, gen):  # module level: worker processes pickle it
     return mask_sample(sample, mcfg, gen)
 
 
@@ -412,9 +406,8 @@ def _log_window(run: _Run, w: _Window, lr: float, grad_norm, bar: tqdm) -> float
     if run.short is not None:
         got = reduce_ce(acc, w.mods["short"], run.names)
         row.update({f"train/short_ce_{k}": v for k, v in got.items()})
-    peak = run.cfg.peak_flops or peak_flops(acc.device, run.cfg.dtype, run.cfg.tf32)
-    if acc.device.type == "cuda" and peak and not run.v2:
-        row["mfu"] = acc.unwrap_model(run.model).estimate_mfu(tps / acc.num_processes, peak)
+    if acc.device.type == "cuda" and run.peak and not run.v2:
+        row["mfu"] = acc.unwrap_model(run.model).estimate_mfu(tps / acc.num_processes, run.peak)
     acc.log(row, step=run.step)
     bar.set_postfix(loss=f"{row['train/loss']:.3f}", tok_s=f"{tps:,.0f}")
     return tps
