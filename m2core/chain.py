@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from m2core.adapters import Inputs
+from m2core.adapters import Inputs, Slots
 from m2core.blocks import KVCache
 from m2core.generate import (
     GenerationConfig,
@@ -66,19 +66,15 @@ class Chain:
         self.times["encode"] += time.perf_counter() - t0
         return out
 
-    def queries(
-        self, name: str, B: int, device: torch.device
-    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """(mod, pos, the present token at each position, the present skeleton per sample)."""
+    def queries(self, name: str) -> tuple[Tensor | None, Tensor | None]:
+        """(the present token at each position, the present skeleton per sample)."""
         n = self.registry[name].num_tokens
-        mod = torch.full((B, n), self.model.names.index(name), device=device)
-        pos = torch.arange(n, device=device).expand(B, n)
         prior = None
         if name in PRESENT_OF:  # the present at the same position (every future frame)
             now = self.known[PRESENT_OF[name]][0]
             prior = now.repeat(1, n // now.shape[1])
         pose = self.known["coords"][0] if "coords" in self.known else None
-        return mod, pos, prior, pose
+        return prior, pose
 
     def run(self, name: str, scheme: str, ctx: Inputs, cross_mask: Tensor | None) -> Tensor:
         t0 = time.perf_counter()
@@ -95,15 +91,13 @@ class Chain:
         self, name: str, ctx: Inputs, kv: list, cross_mask: Tensor | None, steps: int
     ) -> Tensor:
         model, B = self.model, ctx.mod.shape[0]
-        mod, pos, prior, pose = self.queries(name, B, ctx.mod.device)
-        n = mod.shape[1]
-        ids = torch.full((B, n), -1, dtype=torch.long, device=mod.device)
-        conf_all = torch.zeros(B, n, device=mod.device)
-        valid = torch.ones_like(ids, dtype=torch.bool)
+        prior, pose = self.queries(name)
+        n = self.registry[name].num_tokens
+        ids = torch.full((B, n), -1, dtype=torch.long, device=ctx.mod.device)
+        conf_all = torch.zeros(B, n, device=ids.device)
         for t in range(1, steps + 1):
-            x = model.embed(ids, mod, pos, valid, query=True, prior=prior, present_pose=pose)
-            h = model.decode(x, kv, cross_mask).flatten(0, 1)
-            _, s = model.slots(name, ids, mod, pos, valid, prior, pose)
+            s = model.query_slots(name, ids, prior, pose)
+            h = model.decode(model.embed_queries(name, s), kv, cross_mask).flatten(0, 1)
             temp = self.cfg.temperature if steps > 1 else 0.0
             got, conf = model.adapters[name].readout(h, s, ctx, temp, self.gens)
             got, conf = got.view(B, n), conf.view(B, n)
@@ -133,10 +127,10 @@ class Chain:
         out = torch.full((B, L), PAD_ID, dtype=torch.long, device=device)
         out[:, 0] = BOS_ID
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        cap = torch.full((B, 1), model.names.index("captions"), device=device)
+        rows = torch.arange(B, device=device)
         for t in range(max_new):
-            q, p = out[:, t : t + 1], torch.full((B, 1), t + 1, device=device)
-            x = model.embed(q, cap, p, torch.ones_like(q, dtype=torch.bool), query=True)
+            s = Slots(out[:, t], torch.full((B,), t + 1, device=device), rows, B)
+            x = model.embed_queries("captions", s)
             logits = text.logits(model.decode(x, kv, cross_mask, caches=caches)[:, -1])
             logits[:, [PAD_ID, BOS_ID]] = float("-inf")
             if t < cfg.caption_min_tokens:

@@ -336,6 +336,24 @@ def test_future_pose_with_no_displacement_is_the_present():
     assert torch.equal(ids[flag], s.present[flag])  # a future flag starts from the present one
 
 
+@pytest.mark.parametrize("name", ["coords", "action", "tok_rgb_next", "coords_next"])
+def test_generation_query_path_embeds_as_the_batch_path(name):
+    """`query_slots` + `embed_queries` (generation's hot loop) give what `embed` gives for a
+    full block of one modality, with some tokens revealed, a present token and skeleton."""
+    model, reg = _model(query_shape=True), M2ConfigV2(**TINY).registry()
+    B, n, g = 2, reg[name].num_tokens, torch.Generator().manual_seed(0)
+    ids = torch.randint(0, reg[name].vocab_size, (B, n), generator=g)
+    ids[:, ::2] = -1  # masked
+    prior = torch.randint(0, reg[name].vocab_size, (B, n), generator=g)
+    pose = torch.randint(0, POSE_BINS, (B, 39), generator=g)
+    mod = torch.full((B, n), model.names.index(name))
+    pos, valid = torch.arange(n).expand(B, n), torch.ones(B, n, dtype=torch.bool)
+    with torch.no_grad():
+        slow = model.embed(ids, mod, pos, valid, query=True, prior=prior, present_pose=pose)
+        fast = model.embed_queries(name, model.query_slots(name, ids, prior, pose))
+    assert torch.equal(slow, fast)
+
+
 def test_future_queries_carry_the_whole_present_skeleton_only_with_query_shape():
     """With query_shape, a future slot's query changes when another joint of the present
     skeleton moves (the shape); without it, only its own joint's present value enters."""
