@@ -28,11 +28,15 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from training.config import load_config, masking_config, model_config  # noqa: E402
+from training.builders import (  # noqa: E402
+    masking_config,
+    model_config,
+    param_groups,
+)
+from training.config import load_config  # noqa: E402
 from training.data.shards import MaskedDataset, Shards, StepSampler, load_meta  # noqa: E402
 from training.export import peak_flops  # noqa: E402
 from training.plan import format_duration, make_plan  # noqa: E402
-from training.train import param_groups  # noqa: E402
 
 
 def random_shards(

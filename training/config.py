@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import types
 import typing
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from training.builders import masking_config, short_batch
 
 SYNONYMS = {"token_warmup": "warmup_tokens", "gradient_accumulation_steps": "grad_accum"}
 DTYPES = ("fp32", "bf16", "fp16")
@@ -350,102 +351,3 @@ def _validate(cfg: TrainConfig) -> None:
             need(ok, f"{name}.{k} must be a number >= 0, got {v!r}")
     masking_config(cfg)  # alphas name real modalities, mixtures are well formed
     short_batch(cfg)
-
-
-def model_config(cfg: TrainConfig, meta: dict[str, Any]) -> Any:
-    """The m2core.model.M2Config of this run: the preset plus `model` overrides, with the
-    vocabularies of the prepared data (`meta.json`) and the run's slot counts."""
-    if cfg.model.get("format") == 2:  # per-modality adapters (m2core/model_v2.py)
-        from m2core.model_v2 import M2ConfigV2
-
-        levels = json.loads((Path(cfg.data_dir) / "image_tokenizer" / "config.json").read_text())[
-            "levels"
-        ]
-        return M2ConfigV2.from_preset(
-            cfg.model_preset,
-            **{"image_levels": tuple(levels), "text_vocab": meta["text_vocab"], "caption_len": meta["caption_len"],
-               "action_classes": len(meta.get("actions") or ()) or 10, "input_tokens": cfg.input_tokens,
-               "target_tokens": cfg.target_tokens, **cfg.model},
-        )  # fmt: skip
-    from m2core.model import M2Config
-
-    return M2Config.from_preset(
-        cfg.model_preset,
-        **{"image_vocab": meta["image_vocab"], "text_vocab": meta["text_vocab"], "caption_len": meta["caption_len"],
-           "input_tokens": cfg.input_tokens, "target_tokens": cfg.target_tokens, **cfg.model},
-    )  # fmt: skip
-
-
-def masking_config(cfg: TrainConfig) -> Any:
-    """The m2core.masking.MaskingConfig of this run.
-
-    `alpha_mixtures` (a list of {inputs, targets, weight}) replaces the default alpha sets;
-    else `input_alphas` / `target_alphas`, when given, replace the inputs / targets of
-    every default set; else masking's defaults (vision-heavy inputs, text-heavy targets).
-    """
-    from m2core.masking import DEFAULT_ALPHA_SETS, AlphaSet, MaskingConfig
-
-    try:
-        if cfg.alpha_mixtures:
-            sets = tuple(AlphaSet(**dict(m)) for m in cfg.alpha_mixtures)
-        else:
-            sets = tuple(
-                AlphaSet(
-                    inputs=cfg.input_alphas or s.inputs,
-                    targets=cfg.target_alphas or s.targets,
-                    weight=s.weight,
-                )
-                for s in DEFAULT_ALPHA_SETS
-            )
-        return MaskingConfig(cfg.input_tokens, cfg.target_tokens, sets, cfg.reveal_prob)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"config: masking: {e}") from None
-
-
-@dataclass(frozen=True)
-class ShortBatch:
-    """The run's second batch (`short_batch`): per-device samples, their masking, loss weight."""
-
-    batch_size: int
-    masking: Any  # m2core.masking.MaskingConfig
-    weight: float
-
-    @property
-    def tokens_per_sample(self) -> int:
-        return self.masking.input_budget + self.masking.target_budget
-
-
-SHORT_KEYS = ("batch_size", "input_tokens", "target_tokens", "alpha_mixtures", "weight")
-
-
-def short_batch(cfg: TrainConfig) -> ShortBatch | None:
-    """The `short_batch` of this run, checked; None when it is off ({})."""
-    from m2core.masking import AlphaSet, MaskingConfig
-
-    spec = cfg.short_batch
-    if not spec:
-        return None
-    unknown = sorted(set(spec) - set(SHORT_KEYS))
-    if unknown:
-        raise ValueError(
-            f"config: short_batch: unknown key(s) {unknown}; known: {list(SHORT_KEYS)}"
-        )
-    missing = [k for k in SHORT_KEYS[:4] if k not in spec]
-    if missing:
-        raise ValueError(f"config: short_batch needs {missing}")
-    for key in SHORT_KEYS[:3]:
-        v = spec[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"config: short_batch.{key} must be an integer >= 1, got {v!r}")
-    weight = spec.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight > 0:
-        raise ValueError(f"config: short_batch.weight must be a number > 0, got {weight!r}")
-    mixtures = spec["alpha_mixtures"]
-    if not isinstance(mixtures, list) or not mixtures:
-        raise ValueError("config: short_batch.alpha_mixtures must be a non-empty list")
-    try:
-        sets = tuple(AlphaSet(**dict(m)) for m in mixtures)
-        masking = MaskingConfig(spec["input_tokens"], spec["target_tokens"], sets, cfg.reveal_prob)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"config: short_batch: {e}") from None
-    return ShortBatch(spec["batch_size"], masking, float(weight))

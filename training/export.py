@@ -117,7 +117,8 @@ def export_training_checkpoint(path: Path, out: Path, data_dir: Path | None = No
 
     from m2core.model import M2Model
     from m2core.model_v2 import M2ConfigV2, M2ModelV2
-    from training.config import make_config, model_config
+    from training.builders import model_config
+    from training.config import make_config
     from training.data.shards import load_meta
     from training.train_state import STATE_FILE
 

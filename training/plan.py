@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 
-from training.config import TrainConfig, short_batch
+from training.builders import short_batch
+from training.config import TrainConfig
 
 
 @dataclass(frozen=True)

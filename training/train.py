@@ -43,17 +43,19 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from m2core.masking import collate, mask_sample
 from m2core.model_v2 import M2ConfigV2
 from training import train_state as ts
-from training.config import (
+from training.builders import (
     ShortBatch,
-    TrainConfig,
-    make_config,
+    build_model,
     masking_config,
     model_config,
+    param_groups,
     short_batch,
 )
+from training.config import TrainConfig, make_config
 from training.data.shards import MaskedDataset, Shards, StepSampler, load_meta
 from training.export import export_serving_checkpoint, peak_flops
-from training.losses import accumulate, evaluate_ce, modality_ce, reduce_ce, to_device
+from training.losses import accumulate, modality_ce, to_device
+from training.monitor import Window, evaluate, log_window
 from training.plan import Plan, fit_budget, format_duration, lr_at, make_plan, with_total_steps
 from training.trackers import available_trackers
 
@@ -72,25 +74,6 @@ class TrainResult:
     tokens_per_s: float = 0.0
     data_wait_share: float = 0.0
     finished: bool = False  # the token budget is spent (final_dir is None only with export=false)
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay on matrices only, not on norms, biases or embeddings; the
-    parameters the model lists in `LR_SCALE` (name prefix -> factor) get their own groups
-    whose learning rate is the schedule's times that factor (`lr_scale`)."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    scales: dict[str, float] = getattr(model, "LR_SCALE", {})
-    groups: dict[tuple[bool, float], list] = {(True, 1.0): [], (False, 1.0): []}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            scale = next((f for pre, f in scales.items() if name.startswith(pre)), 1.0)
-            decay = not (p.ndim < 2 or id(p) in embeddings)
-            groups.setdefault((decay, scale), []).append(p)
-    return [
-        {"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
-        for (decay, scale), ps in groups.items()
-        if ps or scale == 1.0
-    ]
 
 
 @dataclass
@@ -149,7 +132,7 @@ def _open(config, overrides, t_start: float) -> _Run:
     resume_from = ts.resume_path(cfg, out / "checkpoints")
     # The launcher (accelerate launch / torchrun) says how many processes there will be.
     plan = make_plan(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    if _is_main():
+    if ts.is_main():
         log.info("plan: %s", plan.describe())
         if cfg.plan_devices and cfg.plan_devices != plan.devices:
             log.info("plan on %d devices (plan_devices): %s", cfg.plan_devices,
@@ -175,7 +158,7 @@ def _open(config, overrides, t_start: float) -> _Run:
         # a batch may hold no targets of some modality: its head then gets no gradient
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         mixed_precision=MIXED_PRECISION[cfg.dtype],
-        log_with=available_trackers(out / "logs", resume_step) if _is_main() else None,
+        log_with=available_trackers(out / "logs", resume_step) if ts.is_main() else None,
         project_dir=str(out),
     )
     if acc.num_processes != plan.devices:
@@ -185,7 +168,7 @@ def _open(config, overrides, t_start: float) -> _Run:
     if cfg.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    model = _build_model(cfg, mcfg, train_shards, val_shards, fresh=resume_from is None)
+    model = build_model(cfg, mcfg, train_shards, val_shards, fresh=resume_from is None)
     model = model.to(acc.device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                   fused=acc.device.type == "cuda")  # fmt: skip
@@ -217,34 +200,6 @@ def _open(config, overrides, t_start: float) -> _Run:
     acc.init_trackers(cfg.project, config={k: str(v) for k, v in cfg.to_dict().items()})
     run.result = TrainResult(out, None, run.step, run.step * run.plan.tokens_per_step)
     return run
-
-
-def _build_model(cfg: TrainConfig, mcfg, train_shards, val_shards, fresh: bool) -> nn.Module:
-    """The model with its starting weights; parts fitted outside the run are frozen."""
-    from m2core.model import M2Model
-    from m2core.model_v2 import M2ModelV2
-
-    torch.manual_seed(cfg.seed)  # same initial weights on every process
-    np.random.seed(cfg.seed)
-    model = M2ModelV2(mcfg) if isinstance(mcfg, M2ConfigV2) else M2Model(mcfg)
-    if cfg.init_from and fresh:
-        new = ts.load_initial_weights(cfg.init_from, model)
-        if _is_main():
-            log.info("initial weights from %s%s", cfg.init_from,
-                     f" (new, freshly initialised: {', '.join(new)})" if new else "")  # fmt: skip
-    if cfg.context_warmup_steps and fresh:
-        from training.pose_context import warm_start
-
-        got = warm_start(model, train_shards, val_shards, cfg.context_warmup_steps, cfg.seed)
-        if _is_main():
-            log.info("pose context warm start: %d steps, training CE %.3f, names the action of "
-                     "%.1f%% of validation skeletons", cfg.context_warmup_steps, got["train_ce"],
-                     100 * got["val_accuracy"])  # fmt: skip
-    # fitted after training by `m2 fit-*`: the transformer's losses train around them
-    for part in ("image_context", "pose_reader", "motion"):
-        if getattr(model, part, None) is not None:
-            getattr(model, part).requires_grad_(False)
-    return model
 
 
 def _loaders(run: _Run) -> tuple[Iterator, Iterator | None]:
@@ -282,7 +237,7 @@ def _loop(run: _Run, batches: tuple[Iterator, Iterator | None]) -> None:
     run.model.train()
     bar = tqdm(total=run.plan.total_steps, initial=run.step, desc="train", unit="step",
                disable=not run.main, dynamic_ncols=True)  # fmt: skip
-    window = _Window()
+    window = Window()
     speed: list[float] = []
     total_wait = total_time = 0.0
     # time_budget: measure steps/s from step `first + 3` until calibration ends (_fit_budget)
@@ -315,18 +270,18 @@ def _loop(run: _Run, batches: tuple[Iterator, Iterator | None]) -> None:
             window.add(step_loss, wait)
             bar.update()
             if run.step % cfg.log_interval == 0 or run.step == run.stop_at:
-                tps = _log_window(run, window, lr, grad_norm, bar)
+                tps = log_window(run, window, lr, grad_norm, bar)
                 speed.append(tps)
                 if run.main and len(speed) == 2:  # the first window includes start-up
                     log.info("measured %s tokens/s: full run %s", f"{tps:,.0f}",
                              format_duration(run.plan.total_steps * run.plan.tokens_per_step / tps))  # fmt: skip
-                window = _Window()
+                window = Window()
             if (
                 run.plan.eval_every
                 and run.step % run.plan.eval_every == 0
                 and run.step < run.plan.total_steps
             ):
-                _evaluate(run)
+                evaluate(run)
             if (
                 run.plan.checkpoint_every
                 and run.step % run.plan.checkpoint_every == 0
@@ -352,7 +307,7 @@ def _calibrate(run: _Run, mark: tuple[int, float], bar: tqdm) -> None:
                  f"{run.plan.total_steps * run.plan.tokens_per_step:,}")  # fmt: skip
 
 
-def _micro_steps(run: _Run, batches, window: _Window) -> tuple[torch.Tensor, float]:
+def _micro_steps(run: _Run, batches, window: Window) -> tuple[torch.Tensor, float]:
     """Forward and backward over the step's micro-batches -> (loss, seconds waiting for
     data). A short batch goes first and without sync: the main batch's backward, the last
     one, synchronises both."""
@@ -375,60 +330,6 @@ def _micro_steps(run: _Run, batches, window: _Window) -> tuple[torch.Tensor, flo
             parts = logits if run.v2 else modality_ce(logits, batch, run.names)
             accumulate(window.mods[key], parts)
     return loss_sum, wait
-
-
-@dataclass
-class _Window:
-    """What the steps since the last log line add up to."""
-
-    t0: float = field(default_factory=time.perf_counter)
-    steps: int = 0
-    wait: float = 0.0
-    loss: list[float] = field(default_factory=list)
-    mods: dict[str, dict] = field(default_factory=lambda: {"main": {}, "short": {}})
-
-    def add(self, loss: float, wait: float) -> None:
-        self.steps += 1
-        self.wait += wait
-        self.loss.append(loss)
-
-
-def _log_window(run: _Run, w: _Window, lr: float, grad_norm, bar: tqdm) -> float:
-    """One tracker row (loss, lr, tokens/s, data wait, per-modality training loss) -> tokens/s."""
-    acc, plan = run.acc, run.plan
-    elapsed = time.perf_counter() - w.t0
-    tps = w.steps * plan.tokens_per_step / elapsed
-    row = {"train/loss": float(np.mean(w.loss)), "lr": lr, "tokens_per_s": tps,
-           "data_wait_share": w.wait / elapsed, "tokens": run.step * plan.tokens_per_step}  # fmt: skip
-    if grad_norm is not None:
-        row["grad_norm"] = float(grad_norm)
-    row.update({f"train/ce_{k}": v for k, v in reduce_ce(acc, w.mods["main"], run.names).items()})
-    if run.short is not None:
-        got = reduce_ce(acc, w.mods["short"], run.names)
-        row.update({f"train/short_ce_{k}": v for k, v in got.items()})
-    if acc.device.type == "cuda" and run.peak and not run.v2:
-        row["mfu"] = acc.unwrap_model(run.model).estimate_mfu(tps / acc.num_processes, run.peak)
-    acc.log(row, step=run.step)
-    bar.set_postfix(loss=f"{row['train/loss']:.3f}", tok_s=f"{tps:,.0f}")
-    return tps
-
-
-def _evaluate(run: _Run) -> None:
-    """Validation loss per modality on fixed masks (and on the short batch's, as short_*)."""
-    if run.val_shards is None:
-        return
-    t0 = time.perf_counter()
-    ce = evaluate_ce(run.acc, run.model, run.val_shards, run.masks["main"], run.cfg)
-    if run.short is not None:
-        got = evaluate_ce(run.acc, run.model, run.val_shards, run.masks["short"], run.cfg)
-        ce.update({f"short_{k}": v for k, v in got.items()})
-    run.eval_took = time.perf_counter() - t0
-    run.result.val = ce
-    run.history[str(run.step)] = {f"val/{k}": v for k, v in ce.items()}
-    run.acc.log({f"val/ce_{k}": v for k, v in ce.items()}, step=run.step)
-    if run.main:
-        log.info("step %d validation CE: %s", run.step,
-                 ", ".join(f"{k} {v:.3f}" for k, v in ce.items()))  # fmt: skip
 
 
 def _save(run: _Run) -> None:
@@ -455,7 +356,7 @@ def _finish(run: _Run) -> TrainResult:
     acc, result = run.acc, run.result
     result.step, result.tokens = run.step, run.step * run.plan.tokens_per_step
     if run.step >= run.plan.total_steps:
-        _evaluate(run)
+        evaluate(run)
     _save(run)
     result.finished = run.step >= run.plan.total_steps
     if result.finished and run.cfg.export:
@@ -472,10 +373,6 @@ def _finish(run: _Run) -> TrainResult:
     return result
 
 
-def _is_main() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="m2 train", description="Train M2 (also: accelerate launch training/train.py)."
@@ -490,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"m2 train: error: {e}", file=sys.stderr)
         return 2
-    if _is_main():
+    if ts.is_main():
         latest = ts.latest_checkpoint(res.output_dir / "checkpoints")
         if res.final_dir:
             where = f"serving checkpoint {res.final_dir}"

@@ -49,6 +49,11 @@ class TrainStateError(ValueError):
     """A training checkpoint that is missing, incomplete or does not fit the run."""
 
 
+def is_main() -> bool:
+    """Rank 0 of a launched run (or a plain process), before the accelerator exists."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
 # --- optimizer state <-> safetensors + JSON ---------------------------------------------
 
 

@@ -16,8 +16,9 @@ from m2core.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
 from m2core.tokenizers.pose import PoseTokenizer
 from m2core.tokenizers.text import TextTokenizer
 from training.data.penn_action import read_clip
-from training.data.prepare import ARRAYS, PrepareOptions, assign_splits, main, prepare
+from training.data.prepare import PrepareOptions, main, prepare
 from training.data.prepare_clip import PIXEL_CENTRE, future_offsets, key_frames
+from training.data.shard_writer import ARRAYS, assign_splits
 
 
 @pytest.fixture(scope="module")

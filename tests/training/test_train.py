@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from training import train_state as ts
-from training.train import main, param_groups, train
+from training.builders import param_groups
+from training.train import main, train
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = {
@@ -819,7 +820,8 @@ def test_one_format_2_run_trains_every_parameter_the_served_model_has(prepared, 
     trained elsewhere."""
     from m2core.checkpoint import load_checkpoint
     from m2core.model_v2 import M2ModelV2
-    from training.config import make_config, model_config
+    from training.builders import model_config
+    from training.config import make_config
     from training.data.shards import load_meta
 
     cfg = {**TINY, "data_dir": str(prepared), "output_dir": str(tmp_path / "r"),

@@ -24,7 +24,6 @@ a directory without `meta.json` is incomplete. Per-clip results are cached under
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -41,15 +40,17 @@ import numpy as np
 from tqdm import tqdm
 
 from training.data.captioners import BlipCaptioner, parse_captioner
-from training.data.prepare_clip import PrepareError, future_offsets, read_clip_samples
+from training.data.prepare_clip import PrepareError, read_clip_samples
+from training.data.shard_writer import (
+    FORMAT,
+    SPLITS,
+    file_sha256,
+    save_npz,
+    write_json,
+    write_shards,
+)
 
 log = logging.getLogger(__name__)
-
-FORMAT = "m2-shards/1"
-SPLITS = ("train", "val", "test")
-# name -> (columns per sample or None for 1-D, dtype); ids are uint16 when they fit.
-ARRAYS = ("tok_rgb", "tok_rgb_next", "coords", "coords_next", "coords_prev", "captions",
-          "bbox", "clip", "frame", "action")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -74,44 +75,11 @@ class PrepareOptions:
 # --- the job ------------------------------------------------------------------------------
 
 
-def file_sha256(*paths: Path) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def _save_atomic_npz(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
-
-
-def _save_atomic_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-def _ids_dtype(vocab: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab <= np.iinfo(np.uint16).max + 1 else np.dtype(np.int32)
-
-
 def prepare(opts: PrepareOptions) -> dict[str, Any]:
     """Run the whole job; return the meta.json contents."""
     import torch
 
     from m2core.tokenizers.image import ImageTokenizer, resolve_dir
-    from m2core.tokenizers.text import TextTokenizer
     from training.data.penn_action import list_clips
 
     if opts.stride < 1:
@@ -146,7 +114,7 @@ def prepare(opts: PrepareOptions) -> dict[str, Any]:
         log.info("settings changed since the cached run: starting over")
         shutil.rmtree(work)
     (work / "clips").mkdir(parents=True, exist_ok=True)
-    write_json_atomic(job_file, job)
+    write_json(job_file, job)
 
     todo = [c for c in clip_ids if not (work / "clips" / f"{c}.npz").is_file()]
     if len(todo) < len(clip_ids):
@@ -164,15 +132,13 @@ def prepare(opts: PrepareOptions) -> dict[str, Any]:
                     _batched(blip, res["images"][now], opts.batch_size), dtype=str
                 )
             ids = _tokenize(image_tok, res.pop("images"), opts.batch_size)
-            _save_atomic_npz(
+            save_npz(
                 work / "clips" / f"{clip_id}.npz",
                 tok_rgb=ids[now], tok_rgb_next=ids[nxt],
                 **{k: v for k, v in res.items() if isinstance(v, np.ndarray)},
                 info=np.asarray(json.dumps({k: v for k, v in res.items() if not isinstance(v, np.ndarray)})),
             )  # fmt: skip
-    return _write_shards(
-        opts, clip_ids, bad, work, tok_dir, tok_hash, TextTokenizer, image_tok.vocab_size
-    )
+    return write_shards(opts, clip_ids, bad, work, tok_dir, tok_hash, image_tok.vocab_size)
 
 
 def _clip_results(opts: PrepareOptions, todo: list[str], bad: list[str]):
@@ -247,142 +213,6 @@ def _tokenize(image_tok: Any, images: np.ndarray, batch: int) -> np.ndarray:
         for i in range(0, len(images), batch)
     ]
     return np.concatenate(parts)
-
-
-def assign_splits(clips: dict[str, bool], val_fraction: float, seed: int) -> dict[str, str]:
-    """clip id -> split. Test = the dataset's own test flag; val = a seeded share of train."""
-    train = sorted(c for c, is_train in clips.items() if is_train)
-    rng = np.random.default_rng(seed)
-    n_val = round(len(train) * val_fraction)
-    if val_fraction > 0 and len(train) >= 2:
-        n_val = max(1, n_val)
-    val = set(rng.permutation(train)[:n_val].tolist()) if n_val else set()
-    return {c: ("test" if not t else "val" if c in val else "train") for c, t in clips.items()}
-
-
-def _load_cached(path: Path) -> dict[str, Any]:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise PrepareError(f"{path}: damaged cache file ({e}); delete it and rerun") from None
-    arrays.update(json.loads(str(arrays.pop("info"))))
-    return arrays
-
-
-def _write_shards(opts, clip_ids, bad, work, tok_dir, tok_hash, TextTokenizer, image_vocab):
-    clips = {c: _load_cached(work / "clips" / f"{c}.npz") for c in clip_ids if c not in bad}
-    if opts.all_to is not None:
-        splits = dict.fromkeys(clips, opts.all_to)
-    else:
-        splits = assign_splits(
-            {c: r["train"] for c, r in clips.items()}, opts.val_fraction, opts.seed
-        )
-    given = opts.tokenizer / "text_tokenizer.json"
-    if given.is_file():
-        # --tokenizer is a serving checkpoint: keep its caption ids, so these shards can
-        # evaluate (or fine-tune) that checkpoint.
-        text = TextTokenizer.load(opts.tokenizer)
-        log.info("captions use the text tokenizer of %s", opts.tokenizer)
-    else:
-        train_caps = [
-            s for c, r in clips.items() if splits[c] == "train" for s in r["captions"].tolist()
-        ]
-        if not train_caps:
-            raise PrepareError(
-                "no training samples: every clip is too short for the stride or held out"
-            )
-        text = TextTokenizer.build(train_caps, vocab=opts.caption_vocab, max_len=opts.caption_len)
-    actions = sorted({r["action"] for r in clips.values()})
-    order = list(clips)
-    out = opts.out
-    counts: dict[str, dict[str, int]] = {}
-    id_dt = _ids_dtype(max(image_vocab, text.vocab_size, 8194))
-    for split in SPLITS:
-        rows = [c for c in order if splits[c] == split]
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in ARRAYS}
-        for c in rows:
-            r = clips[c]
-            n = len(r["frame"])
-            for k in ("tok_rgb", "tok_rgb_next", "coords", "coords_next", "coords_prev"):
-                parts[k].append(r[k].astype(id_dt))
-            parts["captions"].append(
-                text.encode_batch(r["captions"].tolist()).astype(id_dt).reshape(n, -1)
-            )
-            parts["bbox"].append(r["bbox"].astype(np.float32))
-            parts["frame"].append(r["frame"].astype(np.int32))
-            parts["clip"].append(np.full(n, order.index(c), np.int32))
-            parts["action"].append(np.full(n, actions.index(r["action"]), np.int16))
-        d = out / split
-        d.mkdir(exist_ok=True)
-        n_samples = 0
-        for k in ARRAYS:
-            arr = np.concatenate(parts[k]) if parts[k] else _empty(k, id_dt, text.max_len)
-            _save_atomic_npy(d / f"{k}.npy", arr)
-            n_samples = len(arr)
-        counts[split] = {
-            "samples": n_samples,
-            "clips": sum(1 for c in rows if len(clips[c]["frame"])),
-        }
-    text.save(out)
-    shutil.copytree(tok_dir, out / ".image_tokenizer.tmp", dirs_exist_ok=True)
-    shutil.rmtree(out / "image_tokenizer", ignore_errors=True)
-    os.replace(out / ".image_tokenizer.tmp", out / "image_tokenizer")
-    source = "synthetic" if (opts.data / "synth.json").is_file() else "penn_action"
-    meta = {
-        "format": FORMAT,
-        "counts": counts,
-        "image_vocab": int(image_vocab),
-        "text_vocab": int(text.vocab_size),
-        "caption_len": int(text.max_len),
-        "caption_vocab": opts.caption_vocab,
-        "stride": opts.stride,
-        "hop": opts.hop or opts.stride,
-        "future_offsets": future_offsets(opts.stride),
-        "source": {
-            "kind": source,
-            "path": str(opts.data.resolve()),
-            "synth": _read_json(opts.data / "synth.json"),
-        },
-        "captions_from": _captions_from(
-            opts.captioner, [r["has_captions"] for r in clips.values()]
-        ),
-        "val_fraction": opts.val_fraction,
-        "seed": opts.seed,
-        "actions": actions,
-        "clip_ids": order,
-        "clip_splits": {c: splits[c] for c in order},
-        "skipped_clips": bad,
-        "tokenizers": {"image_sha256": tok_hash, "text_sha256": text.sha256},
-        "arrays": {
-            k: str(np.load(out / "train" / f"{k}.npy", mmap_mode="r").dtype) for k in ARRAYS
-        },
-    }
-    write_json_atomic(out / "meta.json", meta)
-    shutil.rmtree(work, ignore_errors=True)
-    return meta
-
-
-def _captions_from(captioner: str, has: list[bool]) -> str:
-    if captioner != "template":
-        return captioner
-    return "dataset" if all(has) else "dataset+template" if any(has) else "template"
-
-
-def _empty(name: str, id_dt: np.dtype, caption_len: int) -> np.ndarray:
-    cols = {"tok_rgb": 256, "tok_rgb_next": 256, "coords": 39, "coords_next": 234,
-            "coords_prev": 39, "captions": caption_len, "bbox": 4}  # fmt: skip
-    dt = {"bbox": np.float32, "clip": np.int32, "frame": np.int32, "action": np.int16}.get(
-        name, id_dt
-    )
-    return np.zeros((0, cols[name]) if name in cols else (0,), dtype=dt)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except json.JSONDecodeError:
-        return None
 
 
 # --- CLI ----------------------------------------------------------------------------------
