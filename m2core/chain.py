@@ -76,9 +76,12 @@ class Chain:
         pose = self.known["coords"][0] if "coords" in self.known else None
         return prior, pose
 
-    def run(self, name: str, scheme: str, ctx: Inputs, cross_mask: Tensor | None) -> Tensor:
+    def run(
+        self, name: str, scheme: str, ctx: Inputs, cross_mask: Tensor | None, kv: list | None = None
+    ) -> Tensor:
+        """One step; `kv`, the context's keys/values, when steps share one encoding."""
         t0 = time.perf_counter()
-        kv = self.model.context_kv(ctx)
+        kv = kv if kv is not None else self.model.context_kv(ctx)
         if scheme == "autoregressive":
             out = self.caption(ctx, kv, cross_mask)
         else:
@@ -200,9 +203,10 @@ def generate(
     conf_now = torch.where(has_coords[:, None], 1.0, conf_now)
     out: dict[str, list[Tensor]] = {"coords_next": [], "tok_rgb_next": [], "conf": []}
     for _ in range(cfg.steps):
-        ctx = chain.encode()
+        ctx, cross_mask = chain.encode()
+        kv = model.context_kv(ctx)
         for name, scheme in FUTURE:
-            out[name].append(chain.run(name, scheme, *ctx))
+            out[name].append(chain.run(name, scheme, ctx, cross_mask, kv))
         out["conf"].append(chain.confidence["coords_next"])
         later = out["coords_next"][-1][:, (FUTURE_FRAMES - 1) * TOKENS_PER_POSE :]
         chain.known["tok_rgb"] = (out["tok_rgb_next"][-1], ones(rgb))
