@@ -6,15 +6,19 @@ throughput (tokens/s of one training step at the tiny preset on random batches).
     python bench/bench_formats.py --old-tree /tmp/m2-old --old checkpoints/m2-demo \\
         --new runs/m2-tiny/final --frames data/prepared
 
-Each side runs in its own process with its tree first on sys.path; rounds alternate
-old / new (shared machines are noisy) and each figure is the best of its rounds.
+Each side is a live worker process with its own tree first on sys.path. The parent asks
+them for one call at a time, old and new in turn (which goes first alternates), so a
+change in the machine's load hits both halves of a pair alike. Per task it reports each
+side's best time, and the median and range of the pairs' new/old ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -23,7 +27,7 @@ from pathlib import Path
 WORKER = r"""
 import json, sys, time
 import numpy as np, torch
-torch.set_num_threads(int(sys.argv[4]))
+torch.set_num_threads(int(sys.argv[3]))
 from m2core.checkpoint import load_checkpoint
 from m2core.generate import GenerationConfig
 from m2core.masking import MaskingConfig, collate, mask_sample, random_sample
@@ -32,50 +36,60 @@ if hasattr(model, "adapters"):
     from m2core.chain import generate
 else:
     from m2core.generate import generate
-tok = bundle.image_tokenizer
 frames = np.load(sys.argv[2])  # (16, 256, 256, 3) uint8
-rgb = tok.encode(torch.from_numpy(frames)).reshape(len(frames), -1)
-reps = int(sys.argv[3])
-out = {}
-for b in (1, 16):
-    cfg = GenerationConfig(steps=1, temperature=0.0, seed=0)
-    generate(model, {"tok_rgb": rgb[:b]}, cfg)
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter(); generate(model, {"tok_rgb": rgb[:b]}, cfg); ts.append(time.perf_counter() - t0)
-    out[f"generate_b{b}_s"] = min(ts)
-# training step at the checkpoint's own config, batch 16, on random well-formed samples
+rgb = bundle.image_tokenizer.encode(torch.from_numpy(frames)).reshape(len(frames), -1)
+gen_cfg = GenerationConfig(steps=1, temperature=0.0, seed=0)
+# a training step at the checkpoint's own config, batch 16, on random well-formed samples
 rng = np.random.default_rng(0)
 cfg = model.config
-vocab = cfg.image_vocab
-mc = MaskingConfig(328, 128)
 samples = []
 for i in range(16):
-    s = random_sample(rng, vocab, cfg.text_vocab, cfg.caption_len)
+    s = random_sample(rng, cfg.image_vocab, cfg.text_vocab, cfg.caption_len)
     s["action"] = np.array(i % 10)
-    samples.append(mask_sample(s, mc, rng))
+    samples.append(mask_sample(s, MaskingConfig(328, 128), rng))
 batch = collate(samples)
-model.train()
-opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-def step():
-    _, loss = model(batch); loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
-step(); step()
-ts = []
-for _ in range(reps):
-    t0 = time.perf_counter(); step(); ts.append(time.perf_counter() - t0)
-out["train_tokens_per_s"] = 16 * 456 / min(ts)
-print("RESULT " + json.dumps(out))
+import copy
+trained = copy.deepcopy(model).train()  # the generating model's weights (and captions) stay
+opt = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=1e-4)
+def train_step():
+    _, loss = trained(batch); loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+tasks = {"generate_b1": lambda: generate(model, {"tok_rgb": rgb[:1]}, gen_cfg),
+         "generate_b16": lambda: generate(model, {"tok_rgb": rgb[:16]}, gen_cfg),
+         "train_step": train_step}
+model.eval()
+for f in tasks.values():  # warm-up
+    f()
+print("READY", flush=True)
+for line in sys.stdin:  # one task name a line -> its seconds
+    f = tasks[line.strip()]
+    t0 = time.perf_counter(); f(); print(time.perf_counter() - t0, flush=True)
 """
+TRAIN_TOKENS = 16 * 456  # one training step's tokens (batch 16, 328 in + 128 out)
 
 
-def run_side(tree: Path, ckpt: Path, frames: Path, reps: int, threads: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, "-c", WORKER, str(ckpt), str(frames), str(reps), str(threads)]
-    proc = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True, check=False)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    raise RuntimeError(f"{tree}: worker failed:\n{proc.stderr[-3000:]}")
+class Side:
+    """A worker process holding one checkpoint, loaded with its own tree's code."""
+
+    def __init__(self, tree: Path, ckpt: Path, frames: Path, threads: int):
+        env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(threads)}
+        cmd = [sys.executable, "-c", WORKER, str(ckpt), str(frames), str(threads)]
+        self.tree = tree
+        self.proc = subprocess.Popen(cmd, env=env, cwd=tree, text=True, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        if self.proc.stdout.readline().strip() != "READY":
+            raise RuntimeError(f"{tree}: worker failed:\n{self.proc.stderr.read()[-3000:]}")
+
+    def time(self, task: str) -> float:
+        self.proc.stdin.write(task + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.tree}: worker died:\n{self.proc.stderr.read()[-3000:]}")
+        return float(line)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
 def test_frames(data: Path, out: Path) -> Path:
@@ -86,7 +100,7 @@ def test_frames(data: Path, out: Path) -> Path:
 
     meta = json.loads((data / "meta.json").read_text())
     src = (
-        Path(eval(meta["source"])["path"])
+        Path(ast.literal_eval(meta["source"])["path"])
         if isinstance(meta["source"], str)
         else Path(meta["source"]["path"])
     )
@@ -107,26 +121,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--frames", type=Path, required=True, help="a prepared data dir (its source frames)"
     )
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--pairs", type=int, default=20, help="old/new pairs per task (b16: a quarter)")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     frames = test_frames(a.frames, Path("/tmp") / f"m2-bench-frames-{os.getpid()}.npy")
-    best: dict[str, dict[str, float]] = {"old": {}, "new": {}}
     t0 = time.time()
-    for r in range(a.rounds):
-        for side, tree, ckpt in (("old", a.old_tree, a.old), ("new", a.new_tree, a.new)):
-            got = run_side(tree.resolve(), ckpt.resolve(), frames, a.reps, a.threads)
-            for k, v in got.items():
-                keep = max if k.endswith("per_s") else min
-                best[side][k] = keep(best[side].get(k, v), v)
-            print(f"round {r + 1} {side}: {got}", flush=True)
-    ratios = {k: best["new"][k] / best["old"][k] for k in best["old"]}
-    print(
-        json.dumps(
-            {"best": best, "new_over_old": ratios, "seconds": round(time.time() - t0)}, indent=1
-        )
-    )
+    old = Side(a.old_tree.resolve(), a.old.resolve(), frames, a.threads)
+    new = Side(a.new_tree.resolve(), a.new.resolve(), frames, a.threads)
+    report: dict[str, dict] = {}
+    try:
+        for task, pairs in (("generate_b1", a.pairs), ("generate_b16", max(3, a.pairs // 4)),
+                            ("train_step", a.pairs)):  # fmt: skip
+            times: dict[str, list[float]] = {"old": [], "new": []}
+            for i in range(pairs):  # alternate which side goes first
+                for side in ("old", "new") if i % 2 == 0 else ("new", "old"):
+                    times[side].append((old if side == "old" else new).time(task))
+            ratios = sorted(n / o for o, n in zip(times["old"], times["new"], strict=True))
+            report[task] = {
+                "old_best_s": min(times["old"]), "new_best_s": min(times["new"]),
+                "ratio_median": statistics.median(ratios), "ratio_of_bests": min(times["new"]) / min(times["old"]),
+                "ratio_range": [ratios[0], ratios[-1]], "pairs": pairs,
+            }  # fmt: skip
+            if task == "train_step":
+                report[task]["tokens_per_s"] = {k: TRAIN_TOKENS / min(v) for k, v in times.items()}
+            print(f"{task}: {json.dumps(report[task])}", flush=True)
+    finally:
+        old.close()
+        new.close()
+    print(json.dumps({"report": report, "seconds": round(time.time() - t0)}, indent=1))
     return 0
 
 

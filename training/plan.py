@@ -75,9 +75,16 @@ def fit_to_time(
     """`cfg` with total_tokens cut so the remaining steps, at `steps_per_s`, and the
     evaluations they include (every `plan.eval_every` steps and one at the end, `eval_s`
     each) take at most `seconds_left`. Never raised, never below the current step + 1."""
+    return with_total_steps(cfg, plan, steps_in_time(plan, step, steps_per_s, seconds_left, eval_s))
+
+
+def steps_in_time(
+    plan: Plan, step: int, steps_per_s: float, seconds_left: float, eval_s: float = 0.0
+) -> int:
+    """The step count the time allows (uncapped by the plan's total), at least step + 1."""
     per_step = 1.0 / steps_per_s + (eval_s / plan.eval_every if plan.eval_every else 0.0)
     more = int(max(seconds_left - eval_s, 0.0) / per_step)
-    return with_total_steps(cfg, plan, step + max(1, more))
+    return step + max(1, more)
 
 
 def with_total_steps(cfg: TrainConfig, plan: Plan, steps: int) -> TrainConfig:
@@ -147,7 +154,10 @@ def fit_budget(
         fit_to_time(cfg, plan, step, rate, left, eval_s), acc.num_processes
     ).total_steps
     steps = int(acc.gather(torch.tensor([steps], device=acc.device)).min())  # the slowest wins
+    fits = steps_in_time(plan, step, rate, left, eval_s)
+    fits = int(acc.gather(torch.tensor([fits], device=acc.device)).min())
     return with_total_steps(cfg, plan, steps), {
         "total_steps": min(steps, plan.total_steps),
         "steps_per_s": rate,
+        "budget_steps": fits,  # what the time alone allows; total_tokens may cap it
     }

@@ -305,6 +305,11 @@ def _calibrate(run: _Run, mark: tuple[int, float], bar: tqdm) -> None:
         log.info("time_budget %.1f min: %.2f steps/s, so %s steps (%s tokens)",
                  run.cfg.time_budget, run.fitted["steps_per_s"], f"{run.plan.total_steps:,}",
                  f"{run.plan.total_steps * run.plan.tokens_per_step:,}")  # fmt: skip
+        fits = run.fitted.get("budget_steps", 0)
+        if fits > run.plan.total_steps * 1.05:
+            log.warning("total_tokens=%s caps this run at %s steps; the time budget would fit "
+                        "about %s: raise total_tokens to use it", f"{run.cfg.total_tokens:g}",
+                        f"{run.plan.total_steps:,}", f"{fits:,}")  # fmt: skip
 
 
 def _micro_steps(run: _Run, batches, window: Window) -> tuple[torch.Tensor, float]:
