@@ -183,9 +183,8 @@ class M2ModelV2(nn.Module):
                 x[sel] = (a.embed_query(s) if query else a.embed_input(s)).to(x.dtype)
         return x.view(B, N, -1) + self.mod_emb(mod)
 
-    def query_slots(
-        self, name: str, ids: Tensor, prior: Tensor | None = None, pose: Tensor | None = None
-    ) -> Slots:
+    @staticmethod
+    def query_slots(ids: Tensor, prior: Tensor | None = None, pose: Tensor | None = None) -> Slots:
         """Every position of one modality, (B, n) ids -> their slots: what `slots` gives for
         a full block of one modality, without the search (generation's hot loop)."""
         B, n = ids.shape

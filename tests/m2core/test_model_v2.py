@@ -350,7 +350,7 @@ def test_generation_query_path_embeds_as_the_batch_path(name):
     pos, valid = torch.arange(n).expand(B, n), torch.ones(B, n, dtype=torch.bool)
     with torch.no_grad():
         slow = model.embed(ids, mod, pos, valid, query=True, prior=prior, present_pose=pose)
-        fast = model.embed_queries(name, model.query_slots(name, ids, prior, pose))
+        fast = model.embed_queries(name, model.query_slots(ids, prior, pose))
     assert torch.equal(slow, fast)
 
 

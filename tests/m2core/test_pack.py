@@ -4,7 +4,6 @@ its config and stays close to the original; a bad source is a clear error."""
 import runpy
 import sys
 
-import pytest
 import torch
 
 from m2core.checkpoint import load_checkpoint, save_checkpoint
