@@ -98,6 +98,15 @@ def with_total_steps(cfg: TrainConfig, plan: Plan, steps: int) -> TrainConfig:
     )
 
 
+def cap_note(cfg: TrainConfig, plan: Plan, budget_steps: int) -> str | None:
+    """What to tell a time-budgeted run whose total_tokens stops it well before the time
+    would (None when the two agree within 5%)."""
+    if budget_steps <= plan.total_steps * 1.05:
+        return None
+    return (f"total_tokens={cfg.total_tokens:g} caps this run at {plan.total_steps:,} steps; "
+            f"the time budget would fit about {budget_steps:,}: raise total_tokens to use it")  # fmt: skip
+
+
 def lr_at(cfg: TrainConfig, tokens: float) -> float:
     """Learning rate once `tokens` tokens have been consumed: linear warmup from 0 to `lr`
     over `warmup_tokens`, then cosine from `lr` to `min_lr` at `total_tokens`, then flat.

@@ -56,7 +56,15 @@ from training.data.shards import MaskedDataset, Shards, StepSampler, load_meta
 from training.export import export_serving_checkpoint, peak_flops
 from training.losses import accumulate, modality_ce, to_device
 from training.monitor import Window, evaluate, log_window
-from training.plan import Plan, fit_budget, format_duration, lr_at, make_plan, with_total_steps
+from training.plan import (
+    Plan,
+    cap_note,
+    fit_budget,
+    format_duration,
+    lr_at,
+    make_plan,
+    with_total_steps,
+)
 from training.trackers import available_trackers
 
 log = logging.getLogger("training.train")
@@ -305,11 +313,9 @@ def _calibrate(run: _Run, mark: tuple[int, float], bar: tqdm) -> None:
         log.info("time_budget %.1f min: %.2f steps/s, so %s steps (%s tokens)",
                  run.cfg.time_budget, run.fitted["steps_per_s"], f"{run.plan.total_steps:,}",
                  f"{run.plan.total_steps * run.plan.tokens_per_step:,}")  # fmt: skip
-        fits = run.fitted.get("budget_steps", 0)
-        if fits > run.plan.total_steps * 1.05:
-            log.warning("total_tokens=%s caps this run at %s steps; the time budget would fit "
-                        "about %s: raise total_tokens to use it", f"{run.cfg.total_tokens:g}",
-                        f"{run.plan.total_steps:,}", f"{fits:,}")  # fmt: skip
+        note = cap_note(run.cfg, run.plan, run.fitted["budget_steps"])
+        if note:
+            log.warning(note)
 
 
 def _micro_steps(run: _Run, batches, window: Window) -> tuple[torch.Tensor, float]:
