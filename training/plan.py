@@ -4,15 +4,24 @@ and fitting the step count to a wall-clock budget (`time_budget`)."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
 
 from training.builders import short_batch
 from training.config import TrainConfig
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from training.train import _Run as Run
+
+log = logging.getLogger("training.train")
 
 
 @dataclass(frozen=True)
@@ -157,8 +166,7 @@ def fit_budget(
         eval_s = 0.0
     elif eval_s == 0.0:
         eval_s = math.ceil(cfg.eval_samples / cfg.batch_size) / rate / 3
-    # leave room for the last checkpoint and the export
-    left = cfg.time_budget * 60 - (now - t_start) - (3.0 + 0.03 * cfg.time_budget * 60)
+    left = _seconds_left(cfg, now, t_start)
     steps = make_plan(
         fit_to_time(cfg, plan, step, rate, left, eval_s), acc.num_processes
     ).total_steps
@@ -170,3 +178,66 @@ def fit_budget(
         "steps_per_s": rate,
         "budget_steps": fits,  # what the time alone allows; total_tokens may cap it
     }
+
+
+def _seconds_left(cfg: TrainConfig, now: float, t_start: float) -> float:
+    # leave room for the last checkpoint and the export
+    return cfg.time_budget * 60 - (now - t_start) - (3.0 + 0.03 * cfg.time_budget * 60)
+
+
+def refit_budget(
+    acc: Accelerator,
+    cfg: TrainConfig,
+    plan: Plan,
+    step: int,
+    steps_per_s: float,
+    t_start: float,
+    eval_s: float,
+    fitted: dict[str, float],
+    now: float | None = None,
+) -> tuple[TrainConfig, dict[str, float]] | None:
+    """time_budget, later in the run: when the recent speed (`steps_per_s`, training steps
+    only) no longer finishes the planned steps in time, `cfg` cut to what still fits and
+    the updated record of `fit_budget`; None while the plan still fits (within 2%). It only
+    shortens: a run that speeds up ends early rather than stretching its schedule. A
+    collective, like `fit_budget`: every process calls it at the same step."""
+    left = _seconds_left(cfg, time.perf_counter() if now is None else now, t_start)
+    steps = steps_in_time(plan, step, steps_per_s, left, eval_s)
+    steps = int(acc.gather(torch.tensor([steps], device=acc.device)).min())  # the slowest wins
+    if steps >= plan.total_steps * 0.98:
+        return None
+    return with_total_steps(cfg, plan, steps), {
+        **fitted, "total_steps": steps, "steps_per_s": steps_per_s,
+    }  # fmt: skip
+
+
+def calibrate(run: Run, mark: tuple[int, float], bar: tqdm) -> None:
+    """time_budget: once the speed is measured (`fit_budget`), the run's plan fits the time."""
+    eval_s = None if run.val_shards is None else run.eval_took
+    fit = fit_budget(run.acc, run.cfg, run.plan, run.step, mark, run.t_start, eval_s)
+    if fit is None:
+        return
+    _replan(run, fit, bar)
+    # re-measure ten times over the run (this process calibrated, so its clock is the budget's)
+    run.refit_every = max(20, (run.plan.total_steps - run.step) // 10)
+    note = cap_note(run.cfg, run.plan, run.fitted["budget_steps"])
+    if note and run.main:
+        log.warning(note)
+
+
+def _replan(run: Run, fit: tuple[TrainConfig, dict[str, float]], bar: tqdm) -> None:
+    run.cfg, run.fitted = fit
+    run.plan = make_plan(run.cfg, run.acc.num_processes)
+    bar.total = run.plan.total_steps
+    if run.main:
+        log.info("time_budget %.1f min: %.2f steps/s, so %s steps (%s tokens)",
+                 run.cfg.time_budget, run.fitted["steps_per_s"], f"{run.plan.total_steps:,}",
+                 f"{run.plan.total_steps * run.plan.tokens_per_step:,}")  # fmt: skip
+
+
+def refit(run: Run, steps_per_s: float, bar: tqdm) -> None:
+    """time_budget, later: a run whose machine slowed down is cut to end on time."""
+    fit = refit_budget(run.acc, run.cfg, run.plan, run.step, steps_per_s, run.t_start,
+                       run.eval_took, run.fitted)  # fmt: skip
+    if fit is not None:
+        _replan(run, fit, bar)

@@ -58,11 +58,11 @@ from training.losses import accumulate, modality_ce, to_device
 from training.monitor import Window, evaluate, log_window
 from training.plan import (
     Plan,
-    cap_note,
-    fit_budget,
+    calibrate,
     format_duration,
     lr_at,
     make_plan,
+    refit,
     with_total_steps,
 )
 from training.trackers import available_trackers
@@ -108,6 +108,7 @@ class _Run:
     v2: bool = False  # a format-2 model: its forward returns its per-modality losses
     names: tuple[str, ...] = ()  # the model's modalities, registry order
     peak: float | None = None  # the device's peak FLOP/s, for MFU
+    refit_every: int = 0  # time_budget: steps between speed checks after calibration
 
     @property
     def out(self) -> Path:
@@ -248,15 +249,16 @@ def _loop(run: _Run, batches: tuple[Iterator, Iterator | None]) -> None:
     window = Window()
     speed: list[float] = []
     total_wait = total_time = 0.0
-    # time_budget: measure steps/s from step `first + 3` until calibration ends (_fit_budget)
+    # time_budget: measure steps/s from step `first + 3` until calibration ends (plan.calibrate)
     first, mark = run.step, None
+    recent = [0, 0.0]  # training steps and their seconds since the last (re)fit
     with logging_redirect_tqdm():
         while run.step < run.stop_at:
             if cfg.time_budget and run.fitted is None:
                 if run.step == first + 3:
                     mark = (run.step, time.perf_counter())
                 elif mark is not None:
-                    _calibrate(run, mark, bar)
+                    calibrate(run, mark, bar)
             cfg = run.cfg
             t_step = time.perf_counter()
             lr = lr_at(cfg, (run.step + 1) * run.plan.tokens_per_step)
@@ -275,6 +277,11 @@ def _loop(run: _Run, batches: tuple[Iterator, Iterator | None]) -> None:
             run.result.losses.append(step_loss)
             dt = time.perf_counter() - t_step
             total_wait, total_time = total_wait + wait, total_time + dt
+            recent[0] += 1
+            recent[1] += dt
+            if run.refit_every and recent[0] >= run.refit_every:  # time_budget: slowed down?
+                refit(run, recent[0] / recent[1], bar)
+                recent[:] = [0, 0.0]
             window.add(step_loss, wait)
             bar.update()
             if run.step % cfg.log_interval == 0 or run.step == run.stop_at:
@@ -299,23 +306,6 @@ def _loop(run: _Run, batches: tuple[Iterator, Iterator | None]) -> None:
     bar.close()
     run.result.tokens_per_s = float(np.median(speed[1:] or speed)) if speed else 0.0
     run.result.data_wait_share = total_wait / total_time if total_time else 0.0
-
-
-def _calibrate(run: _Run, mark: tuple[int, float], bar: tqdm) -> None:
-    eval_s = None if run.val_shards is None else run.eval_took
-    fit = fit_budget(run.acc, run.cfg, run.plan, run.step, mark, run.t_start, eval_s)
-    if fit is None:
-        return
-    run.cfg, run.fitted = fit
-    run.plan = make_plan(run.cfg, run.acc.num_processes)
-    bar.total = run.plan.total_steps
-    if run.main:
-        log.info("time_budget %.1f min: %.2f steps/s, so %s steps (%s tokens)",
-                 run.cfg.time_budget, run.fitted["steps_per_s"], f"{run.plan.total_steps:,}",
-                 f"{run.plan.total_steps * run.plan.tokens_per_step:,}")  # fmt: skip
-        note = cap_note(run.cfg, run.plan, run.fitted["budget_steps"])
-        if note:
-            log.warning(note)
 
 
 def _micro_steps(run: _Run, batches, window: Window) -> tuple[torch.Tensor, float]:

@@ -216,6 +216,29 @@ def test_time_budget_says_when_total_tokens_caps_the_run():
     assert cap_note(cfg, plan, 160) is None  # within 5%: nothing to say
 
 
+def test_time_budget_refit_cuts_a_run_whose_machine_slowed():
+    """After calibration the run re-measures its speed: at half the speed it planned for,
+    the steps that still fit in the time left are what it keeps; when the plan still fits,
+    nothing changes (it never stretches)."""
+    from accelerate import Accelerator
+
+    from training.config import make_config
+    from training.plan import make_plan, refit_budget
+
+    acc = Accelerator(cpu=True)
+    cfg = make_config({**TINY, "data_dir": "x", "total_tokens": "40K", "time_budget": 1,
+                       "eval_interval": 0})  # fmt: skip
+    plan = make_plan(cfg, 1)  # 157 steps; 60 s budget, 4.8 s kept for the end
+    fitted = {"total_steps": 157, "steps_per_s": 4.0}
+    # at step 40, 25 s in: 30.2 s left at 2 steps/s -> 60 more steps
+    cut = refit_budget(acc, cfg, plan, 40, 2.0, t_start=0.0, eval_s=0.0, fitted=fitted, now=25.0)
+    assert cut is not None
+    new_cfg, record = cut
+    assert make_plan(new_cfg, 1).total_steps == 100 == record["total_steps"]
+    assert record["steps_per_s"] == 2.0
+    assert refit_budget(acc, cfg, plan, 40, 10.0, 0.0, 0.0, fitted, now=25.0) is None
+
+
 def test_fit_to_time_never_raises_the_total_and_shrinks_warmup():
     from training.config import make_config
     from training.plan import fit_to_time, make_plan
