@@ -92,7 +92,8 @@ class TrainConfig:
     stop_after_steps: int | None = None  # stop early (checkpoint, no export): like a kill
     # Wall-clock budget in minutes (0 = off): after a short calibration the run measures its
     # speed and cuts total_tokens (an upper bound then) so that training, the last
-    # evaluation and the export end within the budget; the lr schedule follows the new total.
+    # evaluation and the export end within the budget; the lr schedule follows the new total,
+    # and later speed checks cut it again if the machine slows down.
     time_budget: float = 0.0
     export: bool = True  # write output_dir/final/ at the end (false: `m2 export` it later)
     log_interval: int = 10  # steps between log lines / tracker rows
