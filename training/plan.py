@@ -73,24 +73,12 @@ def make_plan(cfg: TrainConfig, devices: int) -> Plan:
     )
 
 
-def fit_to_time(
-    cfg: TrainConfig,
-    plan: Plan,
-    step: int,
-    steps_per_s: float,
-    seconds_left: float,
-    eval_s: float = 0.0,
-) -> TrainConfig:
-    """`cfg` with total_tokens cut so the remaining steps, at `steps_per_s`, and the
-    evaluations they include (every `plan.eval_every` steps and one at the end, `eval_s`
-    each) take at most `seconds_left`. Never raised, never below the current step + 1."""
-    return with_total_steps(cfg, plan, steps_in_time(plan, step, steps_per_s, seconds_left, eval_s))
-
-
 def steps_in_time(
     plan: Plan, step: int, steps_per_s: float, seconds_left: float, eval_s: float = 0.0
 ) -> int:
-    """The step count the time allows (uncapped by the plan's total), at least step + 1."""
+    """The step count the remaining steps at `steps_per_s`, and the evaluations they include
+    (every `plan.eval_every` steps and one at the end, `eval_s` each), fit in `seconds_left`:
+    uncapped by the plan's total, at least step + 1."""
     per_step = 1.0 / steps_per_s + (eval_s / plan.eval_every if plan.eval_every else 0.0)
     more = int(max(seconds_left - eval_s, 0.0) / per_step)
     return step + max(1, more)
@@ -166,18 +154,21 @@ def fit_budget(
         eval_s = 0.0
     elif eval_s == 0.0:
         eval_s = math.ceil(cfg.eval_samples / cfg.batch_size) / rate / 3
-    left = _seconds_left(cfg, now, t_start)
-    steps = make_plan(
-        fit_to_time(cfg, plan, step, rate, left, eval_s), acc.num_processes
-    ).total_steps
-    steps = int(acc.gather(torch.tensor([steps], device=acc.device)).min())  # the slowest wins
-    fits = steps_in_time(plan, step, rate, left, eval_s)
-    fits = int(acc.gather(torch.tensor([fits], device=acc.device)).min())
-    return with_total_steps(cfg, plan, steps), {
-        "total_steps": min(steps, plan.total_steps),
+    fits = _agreed_steps(acc, plan, step, rate, _seconds_left(cfg, now, t_start), eval_s)
+    new = with_total_steps(cfg, plan, fits)
+    return new, {
+        "total_steps": make_plan(new, acc.num_processes).total_steps,
         "steps_per_s": rate,
         "budget_steps": fits,  # what the time alone allows; total_tokens may cap it
     }
+
+
+def _agreed_steps(
+    acc: Accelerator, plan: Plan, step: int, rate: float, left: float, eval_s: float
+) -> int:
+    """The steps that fit in `left` seconds on every process (the slowest wins)."""
+    fits = steps_in_time(plan, step, rate, left, eval_s)
+    return int(acc.gather(torch.tensor([fits], device=acc.device)).min())
 
 
 def _seconds_left(cfg: TrainConfig, now: float, t_start: float) -> float:
@@ -202,13 +193,12 @@ def refit_budget(
     shortens: a run that speeds up ends early rather than stretching its schedule. A
     collective, like `fit_budget`: every process calls it at the same step."""
     left = _seconds_left(cfg, time.perf_counter() if now is None else now, t_start)
-    steps = steps_in_time(plan, step, steps_per_s, left, eval_s)
-    steps = int(acc.gather(torch.tensor([steps], device=acc.device)).min())  # the slowest wins
+    steps = _agreed_steps(acc, plan, step, steps_per_s, left, eval_s)
     if steps >= plan.total_steps * 0.98:
         return None
-    return with_total_steps(cfg, plan, steps), {
-        **fitted, "total_steps": steps, "steps_per_s": steps_per_s,
-    }  # fmt: skip
+    new = with_total_steps(cfg, plan, steps)
+    total = make_plan(new, acc.num_processes).total_steps
+    return new, {**fitted, "total_steps": total, "steps_per_s": steps_per_s}
 
 
 def calibrate(run: Run, mark: tuple[int, float], bar: tqdm) -> None:

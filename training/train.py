@@ -251,7 +251,7 @@ def _loop(run: _Run, batches: tuple[Iterator, Iterator | None]) -> None:
     total_wait = total_time = 0.0
     # time_budget: measure steps/s from step `first + 3` until calibration ends (plan.calibrate)
     first, mark = run.step, None
-    recent = [0, 0.0]  # training steps and their seconds since the last (re)fit, once fitted
+    recent = [0, 0.0]  # training steps and their seconds since the last (re)fit
     with logging_redirect_tqdm():
         while run.step < run.stop_at:
             if cfg.time_budget and run.fitted is None:
@@ -277,10 +277,11 @@ def _loop(run: _Run, batches: tuple[Iterator, Iterator | None]) -> None:
             run.result.losses.append(step_loss)
             dt = time.perf_counter() - t_step
             total_wait, total_time = total_wait + wait, total_time + dt
-            recent[:] = [recent[0] + 1, recent[1] + dt] if run.refit_every else [0, 0.0]
-            if run.refit_every and recent[0] >= run.refit_every:  # time_budget: slowed down?
-                refit(run, recent[0] / recent[1], bar)
-                recent[:] = [0, 0.0]
+            if run.refit_every:  # time_budget, once fitted: has the machine slowed down?
+                recent = [recent[0] + 1, recent[1] + dt]
+                if recent[0] >= run.refit_every:
+                    refit(run, recent[0] / recent[1], bar)
+                    recent = [0, 0.0]
             window.add(step_loss, wait)
             bar.update()
             if run.step % cfg.log_interval == 0 or run.step == run.stop_at:

@@ -241,7 +241,10 @@ def test_time_budget_refit_cuts_a_run_whose_machine_slowed():
 
 def test_fit_to_time_never_raises_the_total_and_shrinks_warmup():
     from training.config import make_config
-    from training.plan import fit_to_time, make_plan
+    from training.plan import make_plan, steps_in_time, with_total_steps
+
+    def fit_to_time(cfg, plan, step, steps_per_s, seconds_left):
+        return with_total_steps(cfg, plan, steps_in_time(plan, step, steps_per_s, seconds_left))
 
     cfg = make_config({**TINY, "data_dir": "x", "total_tokens": 1, "warmup_tokens": "100K"})
     plan = make_plan(cfg, 1)  # 256 tokens per step
