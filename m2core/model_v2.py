@@ -50,6 +50,7 @@ class M2ConfigV2:
     norm_eps: float = 1e-6
     query_shape: bool = False  # future skeleton queries carry the present skeleton's shape
     future_l2: bool = False  # future positions train by squared error (their mean), not L1
+    stem_layers: int = 2  # 3x3 conv layers over the image token grid before the trunk
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_levels", tuple(int(v) for v in self.image_levels))
@@ -68,6 +69,8 @@ class M2ConfigV2:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.stem_layers < 2:
+            raise ValueError(f"model.stem_layers must be >= 2, got {self.stem_layers}")
         if self.dim % self.heads or (self.dim // self.heads) % 2 or self.dim % 4:
             raise ValueError(
                 f"model.dim={self.dim} must split into {self.heads} even heads and by 4"
@@ -113,7 +116,7 @@ class M2ModelV2(nn.Module):
         D = config.dim
         self.adapters = nn.ModuleDict({
             n: build_adapter(m, D, config.image_levels, reg[PRESENT_OF[n]] if n in PRESENT_OF else None,
-                             config.query_shape, config.future_l2)
+                             config.query_shape, config.future_l2, config.stem_layers)
             for n, m in reg.items()
         })  # fmt: skip
         for a in self.adapters.values():

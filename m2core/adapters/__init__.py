@@ -29,6 +29,7 @@ def build_adapter(
     present: Modality | None,
     query_shape: bool = False,
     future_l2: bool = False,
+    stem_layers: int = 2,
 ) -> Adapter:
     """The adapter of one registry entry; `present` is the modality a future one starts from."""
     return KINDS[mod.kind](
@@ -38,6 +39,7 @@ def build_adapter(
         present=present,
         query_shape=query_shape,
         future_l2=future_l2,
+        stem_layers=stem_layers,
     )
 
 

@@ -19,6 +19,17 @@ from m2core.blocks import sincos_2d
 from m2core.modalities import IMAGE_GRID, Modality
 
 
+class ConvUnit(nn.Module):
+    """x + conv(gelu(x)): a residual 3x3 layer, so a deep stem trains from PyTorch's init."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.conv = nn.Conv2d(width, width, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv(F.gelu(x))
+
+
 class ImageAdapter(Adapter):
     def __init__(
         self,
@@ -26,6 +37,7 @@ class ImageAdapter(Adapter):
         dim: int,
         image_levels: tuple[int, ...] = (),
         present: Modality | None = None,
+        stem_layers: int = 2,
         **_: object,
     ):
         super().__init__(mod, dim)
@@ -48,6 +60,7 @@ class ImageAdapter(Adapter):
         self.stem = (
             nn.Sequential(  # only a modality that can be an input has one
                 nn.Conv2d(k + 1, width, 3, padding=1),
+                *(ConvUnit(width) for _ in range(stem_layers - 2)),
                 nn.GELU(),
                 nn.Conv2d(width, dim, 3, padding=1),
             )

@@ -106,11 +106,15 @@ def _fit(model, batch, steps, lr=3e-3):
 
 
 @pytest.mark.parametrize(
-    "inputs, target",
-    [({"tok_rgb": 1.0}, "tok_rgb_next"), ({"coords": 1.0, "captions": 1.0}, "tok_rgb")],
+    "inputs, target, stem",
+    [
+        ({"tok_rgb": 1.0}, "tok_rgb_next", 2),
+        ({"tok_rgb": 1.0}, "tok_rgb_next", 5),  # a deep stem (residual units) trains too
+        ({"coords": 1.0, "captions": 1.0}, "tok_rgb", 2),
+    ],
 )
-def test_image_adapter_overfits_a_batch(inputs, target):
-    batch, model = _batch(AlphaSet(inputs, {target: 1.0})), _model()
+def test_image_adapter_overfits_a_batch(inputs, target, stem):
+    batch, model = _batch(AlphaSet(inputs, {target: 1.0})), _model(stem_layers=stem)
     before = _mean_losses(model, batch)
     assert set(before) == {target}
     _fit(model, batch, 100)
@@ -167,7 +171,9 @@ def test_label_adapter_overfits_a_batch():
 # --- 2. every parameter trains --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("options", [{}, {"query_shape": True, "future_l2": True}])
+@pytest.mark.parametrize(
+    "options", [{}, {"query_shape": True, "future_l2": True, "stem_layers": 4}]
+)
 def test_every_parameter_receives_a_gradient(options):
     """Three samples that together put every modality in as an input and out as a target
     (each set's modalities fit the budgets whole, so the split is not left to chance)."""
@@ -422,6 +428,8 @@ def test_config_rejects_bad_values():
         M2ConfigV2.from_dict({**TINY, "image_vocab": 64})
     with pytest.raises(ValueError, match="heads"):
         M2ConfigV2(**{**TINY, "heads": 3})
+    with pytest.raises(ValueError, match="stem_layers"):
+        M2ConfigV2(**{**TINY, "stem_layers": 1})
     for bad in (0, -1):
         with pytest.raises(ValueError, match="action_classes"):
             M2ConfigV2(**{**TINY, "action_classes": bad})
