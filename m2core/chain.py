@@ -49,20 +49,31 @@ class Chain:
         self.known: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (ids (B, n), valid (B, n))
         self.times: dict[str, float] = defaultdict(float)
         self.confidence: dict[str, Tensor] = {}
+        # name -> (the known entry it was made from, its input embedding): each block is
+        # embedded on its own, so an unchanged one (the frame, until a roll-out) is embedded once
+        self.embedded: dict[str, tuple[tuple[Tensor, Tensor], Tensor]] = {}
 
     def encode(self) -> tuple[Inputs, Tensor | None]:
         t0 = time.perf_counter()
         names = self.model.names
-        ids, mod, pos, valid = [], [], [], []
-        for name, (x, ok) in self.known.items():
+        ids, mod, pos, valid, emb = [], [], [], [], []
+        for name, entry in self.known.items():
             if not self.registry[name].can_input or name in PRESENT_OF:
                 continue
+            x, ok = entry
             B, n = x.shape
-            ids.append(x.clamp(min=0))
-            mod.append(torch.full_like(x, names.index(name)))
-            pos.append(torch.arange(n, device=x.device).expand(B, n))
-            valid.append(ok)
-        out = self.model.encode(*(torch.cat(t, 1) for t in (ids, mod, pos, valid)))
+            block = (
+                x.clamp(min=0),
+                torch.full_like(x, names.index(name)),
+                torch.arange(n, device=x.device).expand(B, n),
+                ok,
+            )
+            for out, t in zip((ids, mod, pos, valid), block, strict=True):
+                out.append(t)
+            if name not in self.embedded or self.embedded[name][0] is not entry:
+                self.embedded[name] = (entry, self.model.embed(*block, query=False))
+            emb.append(self.embedded[name][1])
+        out = self.model.encode(*(torch.cat(t, 1) for t in (ids, mod, pos, valid, emb)))
         self.times["encode"] += time.perf_counter() - t0
         return out
 

@@ -203,10 +203,11 @@ class M2ModelV2(nn.Module):
         return x.view(s.batch, -1, self.config.dim) + self.mod_emb.weight[self.names.index(name)]
 
     def encode(
-        self, ids: Tensor, mod: Tensor, pos: Tensor, valid: Tensor
+        self, ids: Tensor, mod: Tensor, pos: Tensor, valid: Tensor, x: Tensor | None = None
     ) -> tuple[Inputs, Tensor | None]:
-        """Visible inputs -> (the context every decoder layer attends to, key mask or None)."""
-        x = self.embed(ids, mod, pos, valid, query=False)
+        """Visible inputs -> (the context every decoder layer attends to, key mask or None);
+        `x`, their embedding when the caller has it (generation reuses an unchanged frame's)."""
+        x = self.embed(ids, mod, pos, valid, query=False) if x is None else x
         mask = None if bool(valid.all()) else valid[:, None, None, :]
         for block in self.encoder:
             x = block(x, mask)

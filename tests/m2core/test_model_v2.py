@@ -7,7 +7,7 @@ import torch
 
 from m2core.adapters import Slots, build_adapter
 from m2core.adapters.pose import bin_value
-from m2core.chain import generate
+from m2core.chain import Chain, generate
 from m2core.checkpoint import load_checkpoint, save_checkpoint
 from m2core.generate import GenerationConfig
 from m2core.masking import (
@@ -239,6 +239,26 @@ def test_chain_generate_shapes_given_inputs_and_seeds():
     for key in ("coords", "coords_next", "tok_rgb_next", "action"):
         assert torch.equal(getattr(r, key), getattr(again, key)), key
     assert r.captions == again.captions
+
+
+@torch.no_grad()
+def test_chain_embeds_an_unchanged_input_once_and_encodes_as_the_model():
+    model = _model(stem_layers=3).eval()
+    rgb, coords = _gen_inputs()
+    chain = Chain(model, GenerationConfig(), [torch.Generator() for _ in range(3)])
+    chain.known["tok_rgb"] = (rgb, torch.ones_like(rgb, dtype=torch.bool))
+    embedded = []
+    real = model.embed
+    model.embed = lambda *a, **k: embedded.append(model.names[int(a[1][0, 0])]) or real(*a, **k)
+    chain.encode()
+    chain.known["coords"] = (coords, torch.ones_like(coords, dtype=torch.bool))
+    ctx, _ = chain.encode()
+    assert embedded == ["tok_rgb", "coords"]  # the frame once, though encoded twice
+    mod = torch.cat([torch.full_like(rgb, model.names.index("tok_rgb")),
+                     torch.full_like(coords, model.names.index("coords"))], 1)  # fmt: skip
+    pos = torch.cat([torch.arange(256).expand(3, -1), torch.arange(39).expand(3, -1)], 1)
+    whole, _ = model.encode(torch.cat([rgb, coords], 1), mod, pos, torch.ones_like(mod).bool())
+    assert torch.allclose(ctx.context, whole.context, atol=1e-6)
 
 
 def test_chain_generate_without_future_and_bad_action():
