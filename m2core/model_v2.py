@@ -51,6 +51,7 @@ class M2ConfigV2:
     query_shape: bool = False  # future skeleton queries carry the present skeleton's shape
     future_l2: bool = False  # future positions train by squared error (their mean), not L1
     stem_layers: int = 2  # 3x3 conv layers over the image token grid before the trunk
+    copy_margin: float = 0.0  # nats a next-frame token must beat the present by (set at export)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_levels", tuple(int(v) for v in self.image_levels))
@@ -69,6 +70,8 @@ class M2ConfigV2:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.copy_margin >= 0:
+            raise ValueError(f"model.copy_margin must be >= 0 nats, got {self.copy_margin}")
         if self.stem_layers < 2:
             raise ValueError(f"model.stem_layers must be >= 2, got {self.stem_layers}")
         if self.dim % self.heads or (self.dim // self.heads) % 2 or self.dim % 4:
@@ -137,6 +140,15 @@ class M2ModelV2(nn.Module):
             "causal", torch.tensor([m.causal for m in reg.values()] + [False]), persistent=False
         )
         self._init_trunk()
+        self.set_copy_margin(config.copy_margin)
+
+    def set_copy_margin(self, margin: float) -> None:
+        """The calibrated margin of every image modality with a present one (config.json)."""
+        self.config = dataclasses.replace(self.config, copy_margin=float(margin))
+        for name in PRESENT_OF:
+            a = self.adapters[name]
+            if hasattr(a, "copy_margin"):
+                a.copy_margin = float(margin)
 
     def _init_trunk(self) -> None:
         for part in (self.encoder, self.decoder):

@@ -71,6 +71,9 @@ class ImageAdapter(Adapter):
         self.has_present = present is not None
         if self.has_present:
             self.copy_gain = nn.Parameter(torch.full((k,), 3.0))
+        # nats by which a token must beat the present one to replace it; 0 = the most likely
+        # token. The export step picks it on validation frames (training/calibrate.py).
+        self.copy_margin = 0.0
 
     # --- values ----------------------------------------------------------------------
     def digits(self, ids: Tensor) -> Tensor:  # (n,) -> (n, k) ints in [0, level)
@@ -128,6 +131,22 @@ class ImageAdapter(Adapter):
         ce = sum(F.cross_entropy(o, y[:, i], reduction="none") for i, o in enumerate(lp))
         return (ce * keep).sum(), keep.sum()
 
+    def present_logp(self, logits: list[Tensor], present: Tensor) -> Tensor:
+        """log p of the present token under the digit logits (n,); -inf where it has none."""
+        d = self.digits(present.clamp(min=0))
+        lp = sum(
+            o.log_softmax(-1).gather(1, d[:, i, None]).squeeze(1) for i, o in enumerate(logits)
+        )
+        return torch.where(present >= 0, lp, float("-inf"))
+
+    def copy_gap(self, h: Tensor, s: Slots) -> tuple[Tensor, Tensor]:
+        """-> (the most likely token, its log p minus the present token's) per slot: what the
+        copy margin is calibrated on."""
+        logits = self.digit_logits(h, s.present)
+        ids = sum(o.argmax(-1) * self.basis[i] for i, o in enumerate(logits))
+        best = sum(o.log_softmax(-1).amax(-1) for o in logits)
+        return ids, best - self.present_logp(logits, s.present)
+
     def readout(
         self,
         h: Tensor,
@@ -138,7 +157,8 @@ class ImageAdapter(Adapter):
     ) -> tuple[Tensor, Tensor]:
         ids = torch.zeros(len(h), dtype=torch.long, device=h.device)
         conf = torch.ones(len(h), device=h.device)
-        for i, o in enumerate(self.digit_logits(h, s.present)):
+        logits = self.digit_logits(h, s.present)
+        for i, o in enumerate(logits):
             p = o.softmax(-1)
             if temperature > 0 and gens is not None:
                 u = torch.stack([torch.rand((), generator=gens[r]) for r in s.row.tolist()]).to(
@@ -154,4 +174,8 @@ class ImageAdapter(Adapter):
                 d = p.argmax(-1)
             ids += d * self.basis[i]
             conf *= p.gather(1, d[:, None]).squeeze(1)
+        if self.copy_margin > 0 and s.present is not None:
+            lp = self.present_logp(logits, s.present)
+            keep = conf.clamp(min=1e-30).log() - lp < self.copy_margin
+            ids, conf = torch.where(keep, s.present, ids), torch.where(keep, lp.exp(), conf)
         return ids, conf

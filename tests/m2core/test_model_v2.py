@@ -315,15 +315,60 @@ def test_checkpoint_round_trip(tmp_path):
     sets = (AlphaSet({"tok_rgb": 1.0, "coords": 1.0, "action": 1.0},
                      {"captions": 1.0, "coords_next": 1.0, "tok_rgb_next": 1.0}),)  # fmt: skip
     batch = _batch(*sets, n=2, reveal=0.5)
+    model.set_copy_margin(1.5)  # calibrated at export, it travels in config.json
     save_checkpoint(tmp_path / "ckpt", model)
     loaded = load_checkpoint(tmp_path / "ckpt").model
     assert type(loaded) is M2ModelV2 and loaded.config == model.config
+    assert loaded.adapters["tok_rgb_next"].copy_margin == 1.5
     with torch.no_grad():
         (a, la), (b, lb) = model(batch), loaded(batch)
     assert a.keys() == b.keys() and len(a) == 3
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     torch.testing.assert_close(la, lb, rtol=0, atol=0)
+
+
+def test_copy_margin_replaces_a_present_token_only_when_beaten_by_it():
+    model = _model(seed=4).eval()
+    a = model.adapters["tok_rgb_next"]
+    torch.manual_seed(0)
+    n = 200
+    present = torch.randint(0, IMAGE_VOCAB, (n,))
+    present[:10] = -1  # no present token: the model's own
+    s = Slots(torch.full((n,), -1), torch.arange(n) % 256, torch.zeros(n, dtype=torch.long), 1,
+              present)  # fmt: skip
+    h = 10 * torch.randn(n, model.config.dim)  # logits that can outweigh the copy bonus
+    best, gap = a.copy_gap(h, s)
+    plain, _ = a.readout(h, s)
+    assert torch.equal(plain, best) and (gap >= 0).all() and torch.isinf(gap[:10]).all()
+    changes = gap[10:][gap[10:] > 0]  # the copy bonus makes most of them 0 (no change)
+    assert len(changes) > 20
+    margin = float(changes.median())
+    model.set_copy_margin(margin)
+    assert model.config.copy_margin == margin and a.copy_margin == margin
+    ids, conf = a.readout(h, s)
+    beaten = gap >= margin
+    assert 0 < int(beaten.sum()) < n
+    assert torch.equal(ids[beaten], best[beaten]) and torch.equal(ids[~beaten], present[~beaten])
+    keep_p = a.present_logp(a.digit_logits(h, s.present), present).exp()
+    torch.testing.assert_close(conf[~beaten], keep_p[~beaten])
+    with pytest.raises(ValueError, match="copy_margin"):
+        M2ConfigV2(**{**TINY, "copy_margin": -1.0})
+
+
+def test_pick_margin_is_never_below_copying_and_prefers_changing_less():
+    from training.calibrate import COPY, pick_margin
+
+    rng = np.random.default_rng(0)
+    gaps = rng.exponential(2.0, 5000)
+    copy_ok = rng.random(5000) < 0.85
+    best_ok = np.where(gaps > 3.0, rng.random(5000) < 0.9, rng.random(5000) < 0.4)
+    found = pick_margin(gaps, best_ok, copy_ok)
+    assert found["accuracy"] >= found["copying"]
+    assert found["accuracy"] == pytest.approx(max(found["by_margin"].values()), abs=1e-5)
+    assert 2.0 <= found["copy_margin"] <= 4.0  # where the model's changes start to pay
+    # a model that is never right when it changes a token: copy
+    assert pick_margin(gaps, np.zeros(5000, bool), copy_ok)["copy_margin"] == COPY
 
 
 # --- 5. pose read-out ---------------------------------------------------------------------

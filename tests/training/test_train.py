@@ -866,8 +866,8 @@ def test_one_format_2_run_trains_every_parameter_the_served_model_has(prepared, 
     from training.data.shards import load_meta
 
     cfg = {**TINY, "data_dir": str(prepared), "output_dir": str(tmp_path / "r"),
-           "model": {**TINY["model"], "format": 2, "query_shape": True}, "weight_decay": 0.0,
-           "total_tokens": "4096", "short_batch": SHORT}  # fmt: skip
+           "model": {**TINY["model"], "format": 2, "query_shape": True, "stem_layers": 3},
+           "weight_decay": 0.0, "total_tokens": "4096", "short_batch": SHORT}  # fmt: skip
     res = train(cfg)
     torch.manual_seed(0)  # train() builds its model right after seeding with cfg.seed
     start = M2ModelV2(model_config(make_config(cfg), load_meta(prepared))).state_dict()
@@ -875,3 +875,9 @@ def test_one_format_2_run_trains_every_parameter_the_served_model_has(prepared, 
     assert set(served) == set(start)
     still = [k for k, v in served.items() if torch.equal(v.float(), start[k].float())]
     assert still == []
+    # the export step calibrated the copy margin on the validation split and recorded it
+    bundle = load_checkpoint(res.final_dir)
+    found = bundle.config["extra"]["calibration"]["copy_margin"]
+    assert bundle.model.config.copy_margin == found["copy_margin"]
+    assert found["accuracy"] >= found["copying"] and found["tokens"] > 0
+    assert "Copy margin" in (res.final_dir / "MODEL_CARD.md").read_text()

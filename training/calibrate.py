@@ -1,0 +1,75 @@
+"""What the export step calibrates on validation frames and records in config.json.
+
+The copy margin: six frames on, most of a frame's tokens are unchanged, so a next key frame
+token the model is unsure of is best left as the present one. The margin is the log-
+probability (nats) by which the model's token must beat the present token to replace it,
+picked for the best token accuracy on validation frames from the frame alone (the first
+MaskGIT pass of `tok_rgb_next` with the frame as the only input; generation's other inputs
+are read from that same frame). A margin past every gap keeps the frame: copying.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from m2core.model_v2 import M2ModelV2
+from training.data.shards import Shards
+
+MARGINS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
+COPY = 1e4  # nats: no token is ever replaced
+
+
+@torch.no_grad()
+def next_frame_gaps(
+    model: M2ModelV2, shards: Shards, samples: int = 512, batch_size: int = 32
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """-> per token of `samples` evenly spaced rows: the model's log-p gap over the present
+    token, whether its token is right, whether the present one is."""
+    device = next(model.parameters()).device
+    rows = np.unique(np.linspace(0, len(shards) - 1, min(samples, len(shards))).astype(int))
+    rgb_index = model.names.index("tok_rgb")
+    gaps, best_ok, copy_ok = [], [], []
+    for at in range(0, len(rows), batch_size):
+        m = shards.modalities(rows[at : at + batch_size])
+        rgb, truth = m["tok_rgb"].to(device), m["tok_rgb_next"].to(device)
+        B, n = rgb.shape
+        ctx, cross = model.encode(
+            rgb,
+            torch.full_like(rgb, rgb_index),
+            torch.arange(n, device=device).expand(B, n),
+            torch.ones_like(rgb, dtype=torch.bool),
+        )
+        s = model.query_slots(torch.full_like(truth, -1), prior=rgb)
+        h = model.decode(model.embed_queries("tok_rgb_next", s), model.context_kv(ctx), cross)
+        best, gap = model.adapters["tok_rgb_next"].copy_gap(h.flatten(0, 1), s)
+        gaps.append(gap.float().cpu().numpy())
+        best_ok.append((best == truth.flatten()).cpu().numpy())
+        copy_ok.append((rgb == truth).flatten().cpu().numpy())
+    return np.concatenate(gaps), np.concatenate(best_ok), np.concatenate(copy_ok)
+
+
+def pick_margin(gaps: np.ndarray, best_ok: np.ndarray, copy_ok: np.ndarray) -> dict:
+    """The margin with the best accuracy (ties: the larger, which changes fewer tokens)."""
+    table = {m: float(np.where(gaps >= m, best_ok, copy_ok).mean()) for m in (*MARGINS, COPY)}
+    margin = max(table, key=lambda m: (table[m], m))
+    return {
+        "copy_margin": margin,
+        "accuracy": table[margin],
+        "copying": float(copy_ok.mean()),
+        "changed": float((gaps >= margin).mean()),
+        "tokens": len(gaps),
+        "by_margin": {str(m): round(a, 5) for m, a in table.items()},
+    }
+
+
+def calibrate_copy_margin(model: M2ModelV2, shards: Shards, samples: int = 512) -> dict:
+    """Pick the margin on `shards` (a validation split) and set it on the model."""
+    was_training = model.training
+    model.eval()
+    try:
+        found = pick_margin(*next_frame_gaps(model, shards, samples))
+    finally:
+        model.train(was_training)
+    model.set_copy_margin(found["copy_margin"])
+    return found
