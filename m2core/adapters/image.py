@@ -19,6 +19,18 @@ from m2core.blocks import sincos_2d
 from m2core.modalities import IMAGE_GRID, Modality
 
 
+def gelu(x: Tensor) -> Tensor:
+    """GELU with its input floored at -6, where it is -6e-9. A trained stem has units far
+    below that, whose GELU and slope are subnormal floats, and CPU convolutions on those
+    ran 20x slower (a run-6 training step: 0.84 s against 0.68 s for the 2-layer stem)."""
+    return F.gelu(x.clamp(min=-6.0))
+
+
+class FlooredGELU(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return gelu(x)
+
+
 class ConvUnit(nn.Module):
     """x + conv(gelu(x)): a residual 3x3 layer, so a deep stem trains from PyTorch's init."""
 
@@ -27,7 +39,7 @@ class ConvUnit(nn.Module):
         self.conv = nn.Conv2d(width, width, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + self.conv(F.gelu(x))
+        return x + self.conv(gelu(x))
 
 
 class ImageAdapter(Adapter):
@@ -61,7 +73,7 @@ class ImageAdapter(Adapter):
             nn.Sequential(  # only a modality that can be an input has one
                 nn.Conv2d(k + 1, width, 3, padding=1),
                 *(ConvUnit(width) for _ in range(stem_layers - 2)),
-                nn.GELU(),
+                FlooredGELU(),
                 nn.Conv2d(width, dim, 3, padding=1),
             )
             if mod.can_input
