@@ -20,9 +20,8 @@ from m2core.modalities import IMAGE_GRID, Modality
 
 
 def gelu(x: Tensor) -> Tensor:
-    """GELU with its input floored at -6, where it is -6e-9. A trained stem has units far
-    below that, whose GELU and slope are subnormal floats, and CPU convolutions on those
-    ran 20x slower (a run-6 training step: 0.84 s against 0.68 s for the 2-layer stem)."""
+    """GELU with its input floored at -6 (where it is -6e-9): a trained stem's units far below
+    that have subnormal slopes, on which CPU convolutions run ~20x slower (docs/model.md)."""
     return F.gelu(x.clamp(min=-6.0))
 
 
