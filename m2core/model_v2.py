@@ -143,12 +143,9 @@ class M2ModelV2(nn.Module):
         self.set_copy_margin(config.copy_margin)
 
     def set_copy_margin(self, margin: float) -> None:
-        """The calibrated margin of every image modality with a present one (config.json)."""
+        """The next key frame's calibrated copy margin (config.json and its adapter)."""
         self.config = dataclasses.replace(self.config, copy_margin=float(margin))
-        for name in PRESENT_OF:
-            a = self.adapters[name]
-            if hasattr(a, "copy_margin"):
-                a.copy_margin = float(margin)
+        self.adapters["tok_rgb_next"].copy_margin = float(margin)
 
     def _init_trunk(self) -> None:
         for part in (self.encoder, self.decoder):

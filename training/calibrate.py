@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from m2core.chain import Chain
+from m2core.generate import GenerationConfig
 from m2core.model_v2 import M2ModelV2
 from training.data.shards import Shards
 
@@ -28,19 +30,14 @@ def next_frame_gaps(
     token, whether its token is right, whether the present one is."""
     device = next(model.parameters()).device
     rows = np.unique(np.linspace(0, len(shards) - 1, min(samples, len(shards))).astype(int))
-    rgb_index = model.names.index("tok_rgb")
     gaps, best_ok, copy_ok = [], [], []
     for at in range(0, len(rows), batch_size):
         m = shards.modalities(rows[at : at + batch_size])
         rgb, truth = m["tok_rgb"].to(device), m["tok_rgb_next"].to(device)
-        B, n = rgb.shape
-        ctx, cross = model.encode(
-            rgb,
-            torch.full_like(rgb, rgb_index),
-            torch.arange(n, device=device).expand(B, n),
-            torch.ones_like(rgb, dtype=torch.bool),
-        )
-        s = model.query_slots(torch.full_like(truth, -1), prior=rgb)
+        chain = Chain(model, GenerationConfig(), [])  # generation's own encoding and queries
+        chain.known["tok_rgb"] = (rgb, torch.ones_like(rgb, dtype=torch.bool))
+        ctx, cross = chain.encode()
+        s = model.query_slots(torch.full_like(truth, -1), chain.queries("tok_rgb_next")[0])
         h = model.decode(model.embed_queries("tok_rgb_next", s), model.context_kv(ctx), cross)
         best, gap = model.adapters["tok_rgb_next"].copy_gap(h.flatten(0, 1), s)
         gaps.append(gap.float().cpu().numpy())

@@ -142,34 +142,20 @@ class ImageAdapter(Adapter):
         ce = sum(F.cross_entropy(o, y[:, i], reduction="none") for i, o in enumerate(lp))
         return (ce * keep).sum(), keep.sum()
 
-    def present_logp(self, logits: list[Tensor], present: Tensor) -> Tensor:
-        """log p of the present token under the digit logits (n,); -inf where it has none."""
-        d = self.digits(present.clamp(min=0))
-        lp = sum(
-            o.log_softmax(-1).gather(1, d[:, i, None]).squeeze(1) for i, o in enumerate(logits)
-        )
-        return torch.where(present >= 0, lp, float("-inf"))
-
-    def copy_gap(self, h: Tensor, s: Slots) -> tuple[Tensor, Tensor]:
-        """-> (the most likely token, its log p minus the present token's) per slot: what the
-        copy margin is calibrated on."""
-        logits = self.digit_logits(h, s.present)
-        ids = sum(o.argmax(-1) * self.basis[i] for i, o in enumerate(logits))
-        best = sum(o.log_softmax(-1).amax(-1) for o in logits)
-        return ids, best - self.present_logp(logits, s.present)
-
-    def readout(
+    def _choose(
         self,
         h: Tensor,
         s: Slots,
-        ctx: Inputs | None = None,
         temperature: float = 0.0,
         gens: list[torch.Generator] | None = None,
-    ) -> tuple[Tensor, Tensor]:
+        with_present: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """-> (chosen ids, their probability, the present token's probability or None)."""
         ids = torch.zeros(len(h), dtype=torch.long, device=h.device)
         conf = torch.ones(len(h), device=h.device)
-        logits = self.digit_logits(h, s.present)
-        for i, o in enumerate(logits):
+        now = self.digits(s.present.clamp(min=0)) if with_present else None
+        keep = torch.ones_like(conf) if with_present else None
+        for i, o in enumerate(self.digit_logits(h, s.present)):
             p = o.softmax(-1)
             if temperature > 0 and gens is not None:
                 u = torch.stack([torch.rand((), generator=gens[r]) for r in s.row.tolist()]).to(
@@ -185,8 +171,33 @@ class ImageAdapter(Adapter):
                 d = p.argmax(-1)
             ids += d * self.basis[i]
             conf *= p.gather(1, d[:, None]).squeeze(1)
-        if self.copy_margin > 0 and s.present is not None:
-            lp = self.present_logp(logits, s.present)
-            keep = conf.clamp(min=1e-30).log() - lp < self.copy_margin
-            ids, conf = torch.where(keep, s.present, ids), torch.where(keep, lp.exp(), conf)
+            if keep is not None:
+                keep *= p.gather(1, now[:, i, None]).squeeze(1)
+        return ids, conf, keep
+
+    @staticmethod
+    def _gap(conf: Tensor, keep: Tensor, present: Tensor) -> Tensor:
+        """log p of the chosen token minus the present one's; inf where there is none."""
+        gap = conf.clamp(min=1e-30).log() - keep.clamp(min=1e-30).log()
+        return torch.where(present >= 0, gap, float("inf"))
+
+    def copy_gap(self, h: Tensor, s: Slots) -> tuple[Tensor, Tensor]:
+        """-> (the most likely token, its gap over the present token) per slot: what the
+        copy margin is calibrated on, computed as the greedy read-out computes it."""
+        ids, conf, keep = self._choose(h, s, with_present=True)
+        return ids, self._gap(conf, keep, s.present)
+
+    def readout(
+        self,
+        h: Tensor,
+        s: Slots,
+        ctx: Inputs | None = None,
+        temperature: float = 0.0,
+        gens: list[torch.Generator] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        margin = self.copy_margin > 0 and s.present is not None
+        ids, conf, keep = self._choose(h, s, temperature, gens, with_present=margin)
+        if keep is not None:
+            stay = self._gap(conf, keep, s.present) < self.copy_margin
+            ids, conf = torch.where(stay, s.present, ids), torch.where(stay, keep, conf)
         return ids, conf
