@@ -163,6 +163,42 @@ def test_report_has_the_designed_keys_and_honest_baselines(trained, tmp_path):
         assert gif.n_frames == 7 and gif.size[1] == 256
 
 
+def test_format_2_report_names_the_action_steers_and_draws_two_actions(trained, tmp_path):
+    """A format-2 checkpoint adds the action read-out, steering by action and per-joint
+    confidence to the report, and `steering.gif`: each sample under two actions."""
+    from m2core.chain import generate
+    from m2core.checkpoint import load_checkpoint
+    from m2core.generate import GenerationConfig
+    from training.train import train
+
+    _, data = trained
+    res = train({"data_dir": str(data), "output_dir": str(tmp_path / "run"), "batch_size": 4,
+                 "num_tokens_per_sample": 64, "total_tokens": "512", "warmup_tokens": "256",
+                 "model_preset": "tiny", "eval_interval": 0, "checkpoint_interval": 0,
+                 "model": {"format": 2, "dim": 32, "heads": 2, "enc_layers": 1, "dec_layers": 1},
+                 "num_workers": 0, "cpu": True})  # fmt: skip
+    out = tmp_path / "eval"
+    report = evaluate(res.final_dir, data, out, samples=4, batch_size=4, gifs=2, maskgit_steps=1)
+    now = np.load(data / "val" / "tok_rgb.npy").astype(np.int64)
+    truth = np.load(data / "val" / "action.npy")
+    assert len(now) <= 4  # every validation sample was evaluated, in order
+    model = load_checkpoint(res.final_dir).model.eval()
+    g = generate(
+        model,
+        {"tok_rgb": torch.from_numpy(now)},
+        GenerationConfig(maskgit_steps=1, temperature=0.0),
+    )
+    assert report["action"]["from_frame"] == pytest.approx((g.action.numpy() == truth).mean())
+    steer = report["steering"]
+    assert steer["no_action"] == report["coords_next"]["ade"]
+    assert steer["true_action"] >= 0 and steer["wrong_action"] >= 0
+    assert set(report["coords"]["confidence"]) == {"auroc", "table"}  # NaN: no joint hit yet
+    assert json.loads((out / "report.json").read_text())["steering"] == steer
+    clips = len(set(np.load(data / "val" / "clip.npy").tolist()))
+    gif = Image.open(out / "steering.gif")
+    assert gif.n_frames == 7 and gif.size == (256 * 2 * min(2, clips), 256)
+
+
 def test_cli_errors(trained, tmp_path, capsys):
     ckpt, data = trained
     assert (

@@ -151,6 +151,7 @@ def evaluate(
     gen_cfg = GenerationConfig(maskgit_steps=maskgit_steps, temperature=0.0, seed=seed)
     pred_now, pred_next, pred_rgb, captions, frame_captions = [], [], [], [], []
     steer: dict[str, list] = {"true": [], "wrong": []}
+    wrong_actions: list[np.ndarray] = []
     actions: dict[str, list] = {"from_frame": [], "given_skeleton": []}
     conf_now: list[np.ndarray] = []
     wgen = torch.Generator().manual_seed(seed)
@@ -186,6 +187,7 @@ def evaluate(
                 wrong = (
                     truth_action + 1 + torch.randint(0, C - 1, truth_action.shape, generator=wgen)
                 ) % C
+                wrong_actions.append(wrong.numpy())
                 for key, act in (("true", truth_action), ("wrong", wrong)):
                     g = generate(
                         model,
@@ -229,9 +231,9 @@ def evaluate(
         report["action"] = {
             k: float((np.concatenate(v) == truth_a).mean()) for k, v in actions.items()
         }
+        steered = {k: pose.decode_future(np.concatenate(v), strict=False) for k, v in steer.items()}
         report["steering"] = {"no_action": report["coords_next"]["ade"], **{
-            f"{k}_action": M.forecast_metrics(pose.decode_future(np.concatenate(v), strict=False), gt_next, scale)["ade"]
-            for k, v in steer.items()}}  # fmt: skip
+            f"{k}_action": M.forecast_metrics(v, gt_next, scale)["ade"] for k, v in steered.items()}}  # fmt: skip
         report["coords"]["confidence"] = _reliability(
             np.concatenate(conf_now), err_now < 0.05, gt_now[..., 2] > 0.5
         )
@@ -250,9 +252,15 @@ def evaluate(
     atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(text))
     atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(markdown(report)))
     if gifs:
-        from training.eval.gifs import write_gif_pair
+        from training.eval.gifs import write_gif_pair, write_steering_gif
 
         write_gif_pair(out, bundle.image_tokenizer, A, rows, gt_now, gt_next, p_next, gifs)
+        if v2 and meta.get("actions"):  # two samples: each is two panels wide
+            names = meta["actions"]
+            write_steering_gif(
+                out, bundle.image_tokenizer, A, rows, gt_now, (steered["true"], steered["wrong"]),
+                ([names[int(a)] for a in A["action"][rows]],
+                 [names[int(a)] for a in np.concatenate(wrong_actions)]), min(gifs, 2))  # fmt: skip
     return report
 
 

@@ -1,9 +1,12 @@
-"""The seed's GIF pair: `pose_future_original.gif` and `pose_future_predicted.gif`.
+"""The seed's GIF pair, `pose_future_original.gif` and `pose_future_predicted.gif`, and
+(format 2) `steering.gif`.
 
 Each GIF has 7 frames (the skeleton now, then the six future skeletons) with a few
 validation clips side by side, drawn over the decoded key frame (dimmed) so the motion
 reads against the picture. Frame 0 is the true current skeleton in both files; after it,
 one shows the ground truth and the other the model's forecast, in the same colours.
+`steering.gif` shows each sample twice, forecast under its true action and under another
+one, with the action named on the panel.
 """
 
 from __future__ import annotations
@@ -51,15 +54,25 @@ def _panel(bg: Image.Image, joints: np.ndarray, color: tuple[int, int, int]) -> 
 
 
 def render(
-    backgrounds: list[Image.Image], now: np.ndarray, future: np.ndarray
+    backgrounds: list[Image.Image],
+    now: np.ndarray,
+    future: np.ndarray,
+    labels: list[str] | None = None,
 ) -> list[Image.Image]:
-    """7 frames, the samples tiled left to right. now (n, 13, 3), future (n, 6, 13, 3)."""
+    """7 frames, the samples tiled left to right. now (n, 13, 3), future (n, 6, 13, 3);
+    `labels`: a line of text written on each panel."""
+    from PIL import ImageDraw
+
     frames = []
     for k in range(future.shape[1] + 1):
         strip = Image.new("RGB", (FRAME_SIZE * len(backgrounds), FRAME_SIZE))
         for j, bg in enumerate(backgrounds):
             pose, color = (now[j], NOW_COLOR) if k == 0 else (future[j, k - 1], FUTURE_COLOR)
             strip.paste(_panel(bg, pose, color), (FRAME_SIZE * j, 0))
+        if labels:
+            draw = ImageDraw.Draw(strip)
+            for j, text in enumerate(labels):
+                draw.text((FRAME_SIZE * j + 6, 4), text, fill=NOW_COLOR)
         frames.append(strip)
     return frames
 
@@ -81,3 +94,21 @@ def write_gif_pair(out: Path, image_tokenizer: Any, arrays: dict[str, np.ndarray
     save_gif(paths[0], render(bgs, gt_now[idx], gt_next[idx]))
     save_gif(paths[1], render(bgs, gt_now[idx], pred_next[idx]))
     return paths
+
+
+def write_steering_gif(out: Path, image_tokenizer: Any, arrays: dict[str, np.ndarray],
+                       rows: np.ndarray, now: np.ndarray, forecasts: tuple[np.ndarray, np.ndarray],
+                       names: tuple[list[str], list[str]], count: int) -> Path | None:  # fmt: skip
+    """`steering.gif`: up to `count` samples from different clips, each as two panels side
+    by side, the forecast under `names[0]` (left) and under `names[1]` (right), both from
+    the same frame and skeleton `now`. forecasts: two (n, 6, 13, 3); names: per row."""
+    idx = pick_samples(np.asarray(arrays["clip"][rows]), count)
+    if not idx:
+        return None
+    bgs = _background(image_tokenizer, np.asarray(arrays["tok_rgb"][rows[idx]]))
+    pair = [i for i in idx for _ in range(2)]
+    future = np.stack([forecasts[k % 2][i] for k, i in enumerate(pair)])
+    labels = [f"action: {names[k % 2][i].replace('_', ' ')}" for k, i in enumerate(pair)]
+    path = out / "steering.gif"
+    save_gif(path, render([bg for bg in bgs for _ in range(2)], now[pair], future, labels))
+    return path
