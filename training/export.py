@@ -109,9 +109,17 @@ def export_serving_checkpoint(
     card = model_card(cfg, meta, val, run)
     found = calibrate(model, cfg, meta)
     if found:
+        from training.calibrate import COPY
+
         extra["calibration"] = {"copy_margin": found}
+        margin = found["copy_margin"]
+        said = (
+            "copying (no margin beat it by more than noise)"
+            if margin >= COPY
+            else f"{margin:g} nats"
+        )
         card += (
-            f"\n## Calibrated at export\n- Copy margin {found['copy_margin']:g} nats "
+            f"\n## Calibrated at export\n- Copy margin: {said} "
             f"(training/calibrate.py): on {found['tokens']:,} validation tokens, from the frame "
             f"alone, {found['accuracy']:.4f} of the next key frame's tokens right against "
             f"{found['copying']:.4f} for copying the frame; {found['changed']:.2%} changed.\n"
