@@ -71,6 +71,19 @@ def test_caption_names_the_action():
     assert M.names_action("a person doing a tennis serve", "tennis_serve")  # Penn Action label
 
 
+def test_a_gif_of_a_still_forecast_keeps_its_seven_frames(tmp_path):
+    """Pillow merges identical frames; each panel names its step, so a forecast that does
+    not move still plays as now, +1 .. +6."""
+    from training.eval.gifs import render, save_gif
+
+    now = np.concatenate([np.full((2, 13, 2), 0.5), np.ones((2, 13, 1))], -1)
+    still = np.repeat(now[:, None], 6, 1)
+    bgs = [Image.new("RGB", (256, 256)) for _ in range(2)]
+    save_gif(tmp_path / "still.gif", render(bgs, now, still, ["action: squats", "action: lunges"]))
+    gif = Image.open(tmp_path / "still.gif")
+    assert gif.n_frames == 7 and gif.size == (512, 256)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path]:
     from m2core.tokenizers.image import ImageTokenizer, ImageTokenizerConfig

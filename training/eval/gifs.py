@@ -60,7 +60,8 @@ def render(
     labels: list[str] | None = None,
 ) -> list[Image.Image]:
     """7 frames, the samples tiled left to right. now (n, 13, 3), future (n, 6, 13, 3);
-    `labels`: a line of text written on each panel."""
+    `labels`: a line of text written on each panel. Each panel names its step ("now",
+    "+1".."+6"), which also keeps Pillow from merging frames where nothing moves."""
     from PIL import ImageDraw
 
     frames = []
@@ -69,10 +70,13 @@ def render(
         for j, bg in enumerate(backgrounds):
             pose, color = (now[j], NOW_COLOR) if k == 0 else (future[j, k - 1], FUTURE_COLOR)
             strip.paste(_panel(bg, pose, color), (FRAME_SIZE * j, 0))
-        if labels:
-            draw = ImageDraw.Draw(strip)
-            for j, text in enumerate(labels):
-                draw.text((FRAME_SIZE * j + 6, 4), text, fill=NOW_COLOR)
+        draw = ImageDraw.Draw(strip)
+        for j in range(len(backgrounds)):
+            draw.text(
+                (FRAME_SIZE * j + 6, FRAME_SIZE - 16), f"+{k}" if k else "now", fill=NOW_COLOR
+            )
+            if labels:
+                draw.text((FRAME_SIZE * j + 6, 4), labels[j], fill=NOW_COLOR)
         frames.append(strip)
     return frames
 
