@@ -6,8 +6,8 @@ probability (nats) by which the model's token must beat the present token to rep
 picked for the best token accuracy on validation frames from the frame alone (the first
 MaskGIT pass of `tok_rgb_next` with the frame as the only input; generation's other inputs
 are read from that same frame). A margin past every gap keeps the frame: copying. A margin
-counts only where its gain over copying is more than sampling noise: on 131,072 tokens a
-margin that changed 139 of them and won by 3 lost by 4 on the test split (docs/model.md).
+counts only where its gain over copying is more than sampling noise, since a gain of a few
+tokens does not carry over to new frames (docs/model.md, run 8).
 """
 
 from __future__ import annotations
