@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from m2core.modalities import FRAME_SIZE
 
@@ -62,8 +62,6 @@ def render(
     """7 frames, the samples tiled left to right. now (n, 13, 3), future (n, 6, 13, 3);
     `labels`: a line of text written on each panel. Each panel names its step ("now",
     "+1".."+6"), which also keeps Pillow from merging frames where nothing moves."""
-    from PIL import ImageDraw
-
     frames = []
     for k in range(future.shape[1] + 1):
         strip = Image.new("RGB", (FRAME_SIZE * len(backgrounds), FRAME_SIZE))
