@@ -6,7 +6,8 @@ Each finished "now" modality becomes an encoder input of the next step. The sche
   adapter's read-out (a skeleton's positions and flags; an action class);
 - `autoregressive`: the caption, token by token with the decoder's keys/values cached;
 - `maskgit`: an image grid in `maskgit_steps` passes, the chosen tokens riding in their
-  queries, the most confident kept on a cosine schedule (1 step = one readout).
+  queries, the most confident kept on a cosine schedule (1 step = one readout); a grid
+  whose adapter always copies (the export's copy margin) is the present grid, no pass.
 Roll-out steps feed `tok_rgb_next` and the last future skeleton back as the next step's
 frame and skeleton. Seeds are per sample, so a request's result does not depend on its
 batch mates. Given modalities (a coords row, a caption, an action >= 0) are kept.
@@ -106,6 +107,10 @@ class Chain:
     ) -> Tensor:
         model, B = self.model, ctx.mod.shape[0]
         prior, pose = self.queries(name)
+        if prior is not None and getattr(model.adapters[name], "copies", False):
+            # the export chose copying: every pass would keep the present token, so skip them
+            self.confidence[name] = torch.ones(prior.shape, device=prior.device)
+            return prior.clone()
         n = self.registry[name].num_tokens
         ids = torch.full((B, n), -1, dtype=torch.long, device=ctx.mod.device)
         conf_all = torch.zeros(B, n, device=ids.device)

@@ -15,13 +15,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from m2core.adapters.image import COPY
 from m2core.chain import Chain
 from m2core.generate import GenerationConfig
 from m2core.model_v2 import M2ModelV2
 from training.data.shards import Shards
 
 MARGINS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
-COPY = 1e4  # nats: no token is ever replaced
 
 
 @torch.no_grad()

@@ -109,7 +109,7 @@ def export_serving_checkpoint(
     card = model_card(cfg, meta, val, run)
     found = calibrate(model, cfg, meta)
     if found:
-        from training.calibrate import COPY
+        from m2core.adapters.image import COPY
 
         extra["calibration"] = {"copy_margin": found}
         margin = found["copy_margin"]

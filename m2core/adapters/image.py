@@ -18,6 +18,10 @@ from m2core.adapters.base import Adapter, Inputs, Slots
 from m2core.blocks import sincos_2d
 from m2core.modalities import IMAGE_GRID, Modality
 
+# a copy margin past any gap (at most 69 nats, probabilities being floored at 1e-30): the
+# present token is always kept
+COPY = 1e4
+
 
 def gelu(x: Tensor) -> Tensor:
     """GELU with its input floored at -6 (where it is -6e-9): a trained stem's units far below
@@ -85,6 +89,11 @@ class ImageAdapter(Adapter):
         # nats by which a token must beat the present one to replace it; 0 = the most likely
         # token. The export step picks it on validation frames (training/calibrate.py).
         self.copy_margin = 0.0
+
+    @property
+    def copies(self) -> bool:
+        """Whether the read-out is the present token wherever there is one, whatever the state."""
+        return self.has_present and self.copy_margin >= COPY
 
     # --- values ----------------------------------------------------------------------
     def digits(self, ids: Tensor) -> Tensor:  # (n,) -> (n, k) ints in [0, level)

@@ -360,6 +360,35 @@ def test_copy_margin_replaces_a_present_token_only_when_beaten_by_it():
         M2ConfigV2(**{**TINY, "copy_margin": -1.0})
 
 
+def test_a_model_that_always_copies_skips_the_next_frame_passes_and_changes_nothing(
+    monkeypatch,
+):
+    """At the COPY margin the next key frame is the present one with no decoder pass; a
+    margin past every gap (100 nats) runs the passes and must give the same result."""
+    from m2core.adapters.image import COPY
+
+    model = _model(seed=5).eval()
+    rgb, coords = _gen_inputs()
+    coords[1] = -1
+    cfg = GenerationConfig(steps=2, maskgit_steps=3, temperature=1.0, seed=[1, 2, 3])
+    calls = []
+    decode = model.decode
+    monkeypatch.setattr(model, "decode", lambda *a, **k: calls.append(1) or decode(*a, **k))
+    runs = {}
+    for margin in (100.0, COPY):
+        model.set_copy_margin(margin)
+        calls.clear()
+        runs[margin] = (generate(model, {"tok_rgb": rgb, "coords": coords}, cfg), len(calls))
+    (full, n_full), (copied, n_copied) = runs[100.0], runs[COPY]
+    assert n_full - n_copied == cfg.steps * cfg.maskgit_steps
+    assert torch.equal(copied.tok_rgb_next[:, 0], rgb)  # the frame, kept through the roll-out
+    assert torch.equal(copied.tok_rgb_next[:, 1], rgb)
+    for key in ("coords", "coords_next", "tok_rgb_next", "action"):
+        assert torch.equal(getattr(full, key), getattr(copied, key)), key
+    assert full.captions == copied.captions
+    torch.testing.assert_close(full.confidence["coords_next"], copied.confidence["coords_next"])
+
+
 def test_pick_margin_is_never_below_copying_and_prefers_changing_less():
     from training.calibrate import COPY, pick_margin
 
