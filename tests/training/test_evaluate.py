@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from m2core.tokenizers.text import TextTokenizer
+from training.data.shards import load_meta
 from training.eval import metrics as M
 from training.eval.evaluate import evaluate, main
 
@@ -202,6 +203,12 @@ def test_format_2_report_names_the_action_steers_and_draws_two_actions(trained, 
         GenerationConfig(maskgit_steps=1, temperature=0.0),
     )
     assert report["action"]["from_frame"] == pytest.approx((g.action.numpy() == truth).mean())
+    names = load_meta(data)["actions"]
+    texts = [
+        load_checkpoint(res.final_dir).text_tokenizer.decode(np.asarray(c)) for c in g.captions
+    ]
+    follows = [M.names_action(t, names[int(a)]) for t, a in zip(texts, g.action, strict=True)]
+    assert report["captions"]["names_read_action_from_frame"] == pytest.approx(np.mean(follows))
     steer = report["steering"]
     assert steer["no_action"] == report["coords_next"]["ade"]
     assert steer["true_action"] >= 0 and steer["wrong_action"] >= 0

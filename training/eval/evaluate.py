@@ -246,6 +246,11 @@ def evaluate(
             M.names_action(text_tok.decode(np.asarray(c, np.int64)), meta["actions"][int(a)])
             for c, a in zip(frame_captions, A["action"][rows], strict=True)
         ]))  # fmt: skip
+        if v2:  # the chain captions after reading the action: does the caption follow it?
+            report["captions"]["names_read_action_from_frame"] = float(np.mean([
+                M.names_action(text_tok.decode(np.asarray(c, np.int64)), meta["actions"][int(a)])
+                for c, a in zip(frame_captions, np.concatenate(actions["from_frame"]), strict=True)
+            ]))  # fmt: skip
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=1, default=_nan_none) + "\n"

@@ -74,5 +74,8 @@ def markdown(r: dict[str, Any]) -> str:
               "", "## Captions", "", "| token accuracy (teacher-forced) | names the action | names it from the frame alone | BLEU-4 |", "|---|---|---|---|",
               f"| {_f(c['token_accuracy'])} | {_f(c.get('action_accuracy'))} | {_f(c.get('action_accuracy_from_frame'))} | {_f(c.get('bleu'))} |", "",
               "Names the action: the caption made from the frame and the true skeleton. From the frame alone: "
-              "the model reads the skeleton first, as `/predict` does.", ""]  # fmt: skip
+              "the model reads the skeleton first, as `/predict` does.", "",
+              *([f"From the frame alone, the caption names the action the model read out for "
+                 f"{_f(c['names_read_action_from_frame'])} of the frames.", ""]
+                if "names_read_action_from_frame" in c else [])]  # fmt: skip
     return "\n".join(lines)
