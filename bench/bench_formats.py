@@ -27,6 +27,11 @@ from pathlib import Path
 WORKER = r"""
 import json, sys, time
 import numpy as np, torch
+try:  # as train() does, where the tree has it: before torch starts its threads
+    from m2core.denormals import flush_denormals
+    flush_denormals()
+except ImportError:
+    pass
 torch.set_num_threads(int(sys.argv[3]))
 from m2core.checkpoint import load_checkpoint
 from m2core.generate import GenerationConfig

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from m2core.denormals import flush_denormals
 from m2core.masking import collate, mask_sample
 from m2core.model_v2 import M2ConfigV2
 from training import train_state as ts
@@ -127,6 +128,8 @@ def train(
     config: TrainConfig | str | Path | dict, overrides: list[str] | tuple[str, ...] = ()
 ) -> TrainResult:
     """Run (or continue) the training described by `config`; see the module docstring."""
+    if not flush_denormals():
+        log.info("subnormal floats are not flushed in every thread: late steps may be slower")
     run = _open(config, overrides, time.perf_counter())
     batches = _loaders(run)
     _loop(run, batches)
