@@ -27,11 +27,10 @@ from pathlib import Path
 WORKER = r"""
 import json, sys, time
 import numpy as np, torch
-try:  # as train() does, where the tree has it: before torch starts its threads
-    from m2core.denormals import flush_denormals
+import os
+if os.path.exists("m2core/denormals.py"):  # the tree's own (an editable install would serve
+    from m2core.denormals import flush_denormals  # another tree's): as train() does, first
     flush_denormals()
-except ImportError:
-    pass
 torch.set_num_threads(int(sys.argv[3]))
 from m2core.checkpoint import load_checkpoint
 from m2core.generate import GenerationConfig
