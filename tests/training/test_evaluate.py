@@ -196,7 +196,8 @@ def test_format_2_report_names_the_action_steers_and_draws_two_actions(trained, 
     now = np.load(data / "val" / "tok_rgb.npy").astype(np.int64)
     truth = np.load(data / "val" / "action.npy")
     assert len(now) <= 4  # every validation sample was evaluated, in order
-    model = load_checkpoint(res.final_dir).model.eval()
+    bundle = load_checkpoint(res.final_dir)
+    model = bundle.model.eval()
     g = generate(
         model,
         {"tok_rgb": torch.from_numpy(now)},
@@ -204,9 +205,7 @@ def test_format_2_report_names_the_action_steers_and_draws_two_actions(trained, 
     )
     assert report["action"]["from_frame"] == pytest.approx((g.action.numpy() == truth).mean())
     names = load_meta(data)["actions"]
-    texts = [
-        load_checkpoint(res.final_dir).text_tokenizer.decode(np.asarray(c)) for c in g.captions
-    ]
+    texts = [bundle.text_tokenizer.decode(np.asarray(c)) for c in g.captions]
     follows = [M.names_action(t, names[int(a)]) for t, a in zip(texts, g.action, strict=True)]
     assert report["captions"]["names_read_action_from_frame"] == pytest.approx(np.mean(follows))
     steer = report["steering"]

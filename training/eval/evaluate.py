@@ -242,15 +242,17 @@ def evaluate(
     )
     report["captions"] = _caption_metrics(text_tok, captions, A, rows, meta, ce_sum["captions"])
     if text_tok is not None and meta.get("actions"):  # what /predict does: the frame alone
-        report["captions"]["action_accuracy_from_frame"] = float(np.mean([
-            M.names_action(text_tok.decode(np.asarray(c, np.int64)), meta["actions"][int(a)])
-            for c, a in zip(frame_captions, A["action"][rows], strict=True)
-        ]))  # fmt: skip
+        texts = [text_tok.decode(np.asarray(c, np.int64)) for c in frame_captions]
+
+        def share_naming(ids) -> float:
+            names = [meta["actions"][int(a)] for a in ids]
+            return float(np.mean([M.names_action(t, a) for t, a in zip(texts, names, strict=True)]))
+
+        report["captions"]["action_accuracy_from_frame"] = share_naming(A["action"][rows])
         if v2:  # the chain captions after reading the action: does the caption follow it?
-            report["captions"]["names_read_action_from_frame"] = float(np.mean([
-                M.names_action(text_tok.decode(np.asarray(c, np.int64)), meta["actions"][int(a)])
-                for c, a in zip(frame_captions, np.concatenate(actions["from_frame"]), strict=True)
-            ]))  # fmt: skip
+            report["captions"]["names_read_action_from_frame"] = share_naming(
+                np.concatenate(actions["from_frame"])
+            )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=1, default=_nan_none) + "\n"
