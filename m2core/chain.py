@@ -147,8 +147,9 @@ class Chain:
         out[:, 0] = BOS_ID
         done = torch.zeros(B, dtype=torch.bool, device=device)
         rows = torch.arange(B, device=device)
+        action = self.known["action"][0][:, 0] if "action" in self.known else None
         for t in range(max_new):
-            s = Slots(out[:, t], torch.full((B,), t + 1, device=device), rows, B)
+            s = Slots(out[:, t], torch.full((B,), t + 1, device=device), rows, B, action=action)
             x = model.embed_queries("captions", s)
             logits = text.logits(model.decode(x, kv, cross_mask, caches=caches)[:, -1])
             logits[:, [PAD_ID, BOS_ID]] = float("-inf")

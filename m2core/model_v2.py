@@ -51,6 +51,7 @@ class M2ConfigV2:
     query_shape: bool = False  # future skeleton queries carry the present skeleton's shape
     future_l2: bool = False  # future positions train by squared error (their mean), not L1
     stem_layers: int = 2  # 3x3 conv layers over the image token grid before the trunk
+    caption_action: bool = False  # caption queries carry the sample's action (given or read)
     copy_margin: float = 0.0  # nats a next-frame token must beat the present by (set at export)
 
     def __post_init__(self) -> None:
@@ -119,7 +120,8 @@ class M2ModelV2(nn.Module):
         D = config.dim
         self.adapters = nn.ModuleDict({
             n: build_adapter(m, D, config.image_levels, reg[PRESENT_OF[n]] if n in PRESENT_OF else None,
-                             config.query_shape, config.future_l2, config.stem_layers)
+                             config.query_shape, config.future_l2, config.stem_layers,
+                             config.caption_action, config.action_classes)
             for n, m in reg.items()
         })  # fmt: skip
         for a in self.adapters.values():
@@ -167,13 +169,14 @@ class M2ModelV2(nn.Module):
         valid: Tensor,
         prior: Tensor | None = None,
         present_pose: Tensor | None = None,
+        action: Tensor | None = None,
     ) -> tuple[Tensor, Slots]:
         """The flat indices of one modality's filled slots in (B, N) tensors, and their view."""
         sel = (valid & (mod == self.names.index(name))).flatten().nonzero().squeeze(1)
         n = mod.shape[1]
         present = prior.flatten()[sel] if prior is not None else None
         return sel, Slots(ids.flatten()[sel], pos.flatten()[sel], sel // n, mod.shape[0], present,
-                          present_pose)  # fmt: skip
+                          present_pose, action)  # fmt: skip
 
     def embed(
         self,
@@ -184,12 +187,13 @@ class M2ModelV2(nn.Module):
         query: bool,
         prior: Tensor | None = None,
         present_pose: Tensor | None = None,
+        action: Tensor | None = None,
     ) -> Tensor:
         """(B, N) slots -> (B, N, D): each modality's slots through its adapter."""
         B, N = mod.shape
         x = torch.zeros(B * N, self.config.dim, device=mod.device, dtype=self.mod_emb.weight.dtype)
         for name in self.names:
-            sel, s = self.slots(name, ids, mod, pos, valid, prior, present_pose)
+            sel, s = self.slots(name, ids, mod, pos, valid, prior, present_pose, action)
             if len(sel):
                 a = self.adapters[name]
                 x[sel] = (a.embed_query(s) if query else a.embed_input(s)).to(x.dtype)
@@ -268,7 +272,7 @@ class M2ModelV2(nn.Module):
             batch["dec_valid"],
         )
         x = self.embed(q, mod, pos, valid, query=True, prior=batch.get("dec_prior"),
-                       present_pose=batch.get("present_pose"))  # fmt: skip
+                       present_pose=batch.get("present_pose"), action=batch.get("action"))  # fmt: skip
         h = self.decode(x, self.context_kv(ctx), cross_mask, self.target_mask(mod, valid))
         return h.flatten(0, 1), ctx
 

@@ -30,6 +30,8 @@ def build_adapter(
     query_shape: bool = False,
     future_l2: bool = False,
     stem_layers: int = 2,
+    caption_action: bool = False,
+    action_classes: int = 0,
 ) -> Adapter:
     """The adapter of one registry entry; `present` is the modality a future one starts from."""
     return KINDS[mod.kind](
@@ -40,6 +42,8 @@ def build_adapter(
         query_shape=query_shape,
         future_l2=future_l2,
         stem_layers=stem_layers,
+        caption_action=caption_action,
+        action_classes=action_classes,
     )
 
 

@@ -21,6 +21,7 @@ class Slots:
     batch: int  # B
     present: Tensor | None = None  # (n,) the present token at this position, -1 = none
     present_pose: Tensor | None = None  # (B, 39) each sample's present skeleton, -1 = unknown
+    action: Tensor | None = None  # (B,) each sample's action id, -1 = unknown
 
 
 @dataclass

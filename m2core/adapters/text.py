@@ -1,7 +1,10 @@
-"""Captions: a token table, a head, 1D sin-cos positions; learned left to right."""
+"""Captions: a token table, a head, 1D sin-cos positions; learned left to right. With
+`caption_action`, every caption query also carries the sample's action (given, or read out
+before the caption), so the caption can name the action the model read."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from m2core.adapters.base import Adapter, Slots
@@ -10,7 +13,14 @@ from m2core.modalities import Modality
 
 
 class TextAdapter(Adapter):
-    def __init__(self, mod: Modality, dim: int, **_: object):
+    def __init__(
+        self,
+        mod: Modality,
+        dim: int,
+        caption_action: bool = False,
+        action_classes: int = 0,
+        **_: object,
+    ):
         super().__init__(mod, dim)
         del self.mask  # a caption query always carries a token (teacher forcing), never the mask
         self.table = nn.Embedding(mod.vocab_size, dim)
@@ -20,6 +30,10 @@ class TextAdapter(Adapter):
         self.head = nn.Linear(dim, mod.vocab_size, bias=False)
         nn.init.normal_(self.head.weight, std=0.02)
         self.register_buffer("pos_table", sincos_1d(mod.num_tokens, dim), persistent=False)
+        self.action: nn.Embedding | None = None
+        if caption_action:  # row 0: the action is unknown
+            self.action = nn.Embedding(action_classes + 1, dim)
+            nn.init.normal_(self.action.weight, std=0.02)
 
     def value(self, ids: Tensor) -> Tensor:
         return self.table(ids)
@@ -28,7 +42,11 @@ class TextAdapter(Adapter):
         return self.pos_table[pos]
 
     def embed_query(self, s: Slots) -> Tensor:  # the previous token (bos at a span start)
-        return self.value(s.ids) + self.positions(s.pos)
+        x = self.value(s.ids) + self.positions(s.pos)
+        if self.action is None:
+            return x
+        known = s.action[s.row] + 1 if s.action is not None else torch.zeros_like(s.ids)
+        return x + self.action(known.clamp(min=0))
 
     def logits(self, h: Tensor) -> Tensor:
         return self.head(h).float()

@@ -156,6 +156,33 @@ def test_text_adapter_overfits_a_batch():
     assert (ids == labels).float().mean() > 0.9
 
 
+def test_a_caption_follows_the_action_its_queries_carry_only_with_caption_action():
+    """Captions whose one word is the clip's action, from a frame of noise with no action
+    among the encoder inputs: only queries that carry the action can learn the word, and
+    generate then captions each given action with its own word."""
+    rng = np.random.default_rng(0)
+    raws = []
+    for i in range(2 * ACTIONS):
+        s = _raw(rng, i % ACTIONS)
+        s["captions"] = np.full(CAPTION_LEN, PAD_ID, np.int64)
+        s["captions"][:3] = BOS_ID, 10 + i % ACTIONS, EOS_ID
+        raws.append(s)
+    cfg = MaskingConfig(64, 64, (AlphaSet({"tok_rgb": 1.0}, {"captions": 1.0}),))
+    batch = collate([mask_sample(r, cfg, rng) for r in raws])
+    rgb = torch.tensor(np.stack([r["tok_rgb"] for r in raws[:ACTIONS]]))
+    for caption_action in (False, True):
+        model = _model(caption_action=caption_action)
+        _fit(model, batch, 60)
+        model.eval()
+        named = 0
+        for shift in range(ACTIONS):  # each frame under every action
+            action = (torch.arange(ACTIONS) + shift) % ACTIONS
+            r = generate(model, {"tok_rgb": rgb, "action": action}, GenerationConfig(steps=0))
+            named += sum(c[:1] == [10 + int(a)] for c, a in zip(r.captions, action, strict=True))
+        share = named / ACTIONS**2
+        assert share == 1.0 if caption_action else share <= 0.4, (caption_action, share)
+
+
 def test_label_adapter_overfits_a_batch():
     batch, model = _batch(AlphaSet({"tok_rgb": 1.0}, {"action": 1.0}), n=5), _model()
     before = _mean_losses(model, batch)
@@ -172,7 +199,8 @@ def test_label_adapter_overfits_a_batch():
 
 
 @pytest.mark.parametrize(
-    "options", [{}, {"query_shape": True, "future_l2": True, "stem_layers": 4}]
+    "options",
+    [{}, {"query_shape": True, "future_l2": True, "stem_layers": 4, "caption_action": True}],
 )
 def test_every_parameter_receives_a_gradient(options):
     """Three samples that together put every modality in as an input and out as a target
@@ -275,10 +303,11 @@ def test_chain_generate_without_future_and_bad_action():
             )
 
 
-def test_chain_caption_with_kv_cache_matches_the_teacher_forced_decoder():
+@pytest.mark.parametrize("caption_action", [False, True])
+def test_chain_caption_with_kv_cache_matches_the_teacher_forced_decoder(caption_action):
     """The greedy caption of generate (token by token, keys/values cached) is the argmax
     of the training-time decoder (all queries at once, causal mask) at every position."""
-    model = _model(seed=1).eval()
+    model = _model(seed=1, caption_action=caption_action).eval()
     rgb, coords = _gen_inputs(2)
     action = torch.tensor([1, 3])
     r = generate(
@@ -300,7 +329,7 @@ def test_chain_caption_with_kv_cache_matches_the_teacher_forced_decoder():
             ctx.context[row : row + 1], mod[:1], pos[:1], valid.new_ones(1, ids.shape[1])
         )
         with torch.no_grad():
-            x = model.embed(query, qmod, qpos, valid, query=True)
+            x = model.embed(query, qmod, qpos, valid, query=True, action=action[row : row + 1])
             h = model.decode(x, model.context_kv(one), cross, model.target_mask(qmod, valid))
             logits = model.adapters["captions"].logits(h[0])
         logits[:, [PAD_ID, BOS_ID]] = float("-inf")

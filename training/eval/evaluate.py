@@ -82,6 +82,7 @@ def full_batch(
         "dec_valid": tvalid, "dec_labels": labels, "dec_prior": prior,
         "present_pose": rows["coords"] if "coords" in rows
         else torch.full((len(x), TOKENS_PER_POSE), -1, dtype=torch.long),
+        **({"action": rows["action"].reshape(-1)} if "action" in rows else {}),
     }  # fmt: skip
 
 
