@@ -183,6 +183,7 @@ def test_format_2_report_names_the_action_steers_and_draws_two_actions(trained, 
     from m2core.chain import generate
     from m2core.checkpoint import load_checkpoint
     from m2core.generate import GenerationConfig
+    from m2core.masking import AlphaSet, MaskingConfig, collate, mask_sample
     from training.train import train
 
     _, data = trained
@@ -204,6 +205,16 @@ def test_format_2_report_names_the_action_steers_and_draws_two_actions(trained, 
         GenerationConfig(maskgit_steps=1, temperature=0.0),
     )
     assert report["action"]["from_frame"] == pytest.approx((g.action.numpy() == truth).mean())
+    # the skeleton alone, by the masking path: every token of the true skeleton in, no frame
+    raws = [{"coords": c, "action": a} for c, a in zip(np.load(data / "val" / "coords.npy"), truth, strict=True)]  # fmt: skip
+    mcfg = MaskingConfig(64, 64, (AlphaSet({"coords": 1.0}, {"action": 1.0}),))
+    mb = collate([mask_sample(r, mcfg, np.random.default_rng(0)) for r in raws])
+    assert mb["enc_valid"].sum(1).tolist() == [39] * len(raws)
+    with torch.no_grad():
+        h, ctx = model.hidden(mb)
+        sel, s = model.target_slots(mb, "action")
+        alone = model.adapters["action"].readout(h[sel], s, ctx)[0].numpy()
+    assert report["action"]["skeleton_alone"] == pytest.approx((alone == truth).mean())
     names = load_meta(data)["actions"]
     texts = [bundle.text_tokenizer.decode(np.asarray(c)) for c in g.captions]
     follows = [M.names_action(t, names[int(a)]) for t, a in zip(texts, g.action, strict=True)]

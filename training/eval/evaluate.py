@@ -105,6 +105,13 @@ def _ce_and_acc(model, batch) -> tuple[float, int, int]:
     return float(ce), int(y.numel()), int((lg.argmax(-1) == y).sum())
 
 
+def _readout_ids(model, batch) -> torch.Tensor:
+    """Format 2: the target modality's read-out ids for a `full_batch`."""
+    h, ctx = model.hidden(batch)
+    sel, s = model.target_slots(batch, model.names[int(batch["dec_mod"][0, 0])])
+    return model.adapters[model.names[int(batch["dec_mod"][0, 0])]].readout(h[sel], s, ctx)[0]
+
+
 def choose_rows(n: int, samples: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(n)[: min(samples, n)])
 
@@ -153,7 +160,7 @@ def evaluate(
     pred_now, pred_next, pred_rgb, captions, frame_captions = [], [], [], [], []
     steer: dict[str, list] = {"true": [], "wrong": []}
     wrong_actions: list[np.ndarray] = []
-    actions: dict[str, list] = {"from_frame": [], "given_skeleton": []}
+    actions: dict[str, list] = {"from_frame": [], "given_skeleton": [], "skeleton_alone": []}
     conf_now: list[np.ndarray] = []
     wgen = torch.Generator().manual_seed(seed)
     frame_next, frame_rgb = [], []
@@ -198,6 +205,9 @@ def evaluate(
                     steer[key].append(g.coords_next[:, 0].numpy())
                 actions["from_frame"].append(a.action.numpy())
                 actions["given_skeleton"].append(b.action.numpy())
+                # does the action read the skeleton at all? (its shape names the action)
+                alone = full_batch(full, names, ["coords"], "action")
+                actions["skeleton_alone"].append(_readout_ids(model, alone).numpy())
                 conf = a.confidence["coords"].view(-1, 13, 3)
                 conf_now.append((conf[..., 0] * conf[..., 1]).numpy())
 

@@ -52,8 +52,8 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append("")
     if "action" in r:
         a, st = r["action"], r["steering"]
-        lines += ["## Action (`action` label)", "", "| from the frame alone | given the true skeleton |", "|---|---|",
-                  f"| {_f(a['from_frame'])} | {_f(a['given_skeleton'])} |", "",
+        lines += ["## Action (`action` label)", "", "| from the frame alone | given the true skeleton | the true skeleton alone, no frame |",
+                  "|---|---|---|", f"| {_f(a['from_frame'])} | {_f(a['given_skeleton'])} | {_f(a.get('skeleton_alone'))} |", "",
                   "Steering: forecast ADE given the frame and the true skeleton, with no action, the true "
                   "action and a wrong one as input.", "", "| no action | true action | wrong action |", "|---|---|---|",
                   f"| {_f(st['no_action'])} | {_f(st['true_action'])} | {_f(st['wrong_action'])} |", ""]  # fmt: skip
