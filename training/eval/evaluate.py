@@ -88,12 +88,7 @@ def full_batch(
 
 def _ce_and_acc(model, batch) -> tuple[float, int, int]:
     if hasattr(model, "adapters"):  # format 2: each adapter's own loss, and its read-out
-        h, ctx = model.hidden(batch)
-        name = model.names[int(batch["dec_mod"][0, 0])]
-        sel, s = model.target_slots(batch, name)
-        y = batch["dec_labels"].flatten()[sel]
-        total, n = model.adapters[name].loss(h[sel], s, y, ctx)
-        ids, _ = model.adapters[name].readout(h[sel], s, ctx)
+        total, n, ids, y = _adapter_scores(model, batch)
         return float(total), int(n), int(((ids == y) & (y >= 0)).sum())
     logits, _ = model(batch)
     (name,) = logits
@@ -105,11 +100,14 @@ def _ce_and_acc(model, batch) -> tuple[float, int, int]:
     return float(ce), int(y.numel()), int((lg.argmax(-1) == y).sum())
 
 
-def _readout_ids(model, batch) -> torch.Tensor:
-    """Format 2: the target modality's read-out ids for a `full_batch`."""
+def _adapter_scores(model, batch):
+    """Format 2, a `full_batch`: the target adapter's (summed loss, count, read-out ids, labels)."""
     h, ctx = model.hidden(batch)
-    sel, s = model.target_slots(batch, model.names[int(batch["dec_mod"][0, 0])])
-    return model.adapters[model.names[int(batch["dec_mod"][0, 0])]].readout(h[sel], s, ctx)[0]
+    name = model.names[int(batch["dec_mod"][0, 0])]
+    sel, s = model.target_slots(batch, name)
+    y = batch["dec_labels"].flatten()[sel]
+    total, n = model.adapters[name].loss(h[sel], s, y, ctx)
+    return total, n, model.adapters[name].readout(h[sel], s, ctx)[0], y
 
 
 def choose_rows(n: int, samples: int, seed: int) -> np.ndarray:
@@ -206,8 +204,8 @@ def evaluate(
                 actions["from_frame"].append(a.action.numpy())
                 actions["given_skeleton"].append(b.action.numpy())
                 # does the action read the skeleton at all? (its shape names the action)
-                alone = full_batch(full, names, ["coords"], "action")
-                actions["skeleton_alone"].append(_readout_ids(model, alone).numpy())
+                alone = _adapter_scores(model, full_batch(full, names, ["coords"], "action"))[2]
+                actions["skeleton_alone"].append(alone.numpy())
                 conf = a.confidence["coords"].view(-1, 13, 3)
                 conf_now.append((conf[..., 0] * conf[..., 1]).numpy())
 
