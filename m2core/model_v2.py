@@ -52,6 +52,7 @@ class M2ConfigV2:
     future_l2: bool = False  # future positions train by squared error (their mean), not L1
     stem_layers: int = 2  # 3x3 conv layers over the image token grid before the trunk
     caption_action: bool = False  # caption queries carry the sample's action (given or read)
+    shape_fourier: int = 0  # random Fourier features of the skeleton's shape (0: positions only)
     copy_margin: float = 0.0  # nats a next-frame token must beat the present by (set at export)
 
     def __post_init__(self) -> None:
@@ -73,6 +74,8 @@ class M2ConfigV2:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if not self.copy_margin >= 0:
             raise ValueError(f"model.copy_margin must be >= 0 nats, got {self.copy_margin}")
+        if self.shape_fourier < 0:
+            raise ValueError(f"model.shape_fourier must be >= 0, got {self.shape_fourier}")
         if self.stem_layers < 2:
             raise ValueError(f"model.stem_layers must be >= 2, got {self.stem_layers}")
         if self.dim % self.heads or (self.dim // self.heads) % 2 or self.dim % 4:
@@ -121,7 +124,7 @@ class M2ModelV2(nn.Module):
         self.adapters = nn.ModuleDict({
             n: build_adapter(m, D, config.image_levels, reg[PRESENT_OF[n]] if n in PRESENT_OF else None,
                              config.query_shape, config.future_l2, config.stem_layers,
-                             config.caption_action, config.action_classes)
+                             config.caption_action, config.action_classes, config.shape_fourier)
             for n, m in reg.items()
         })  # fmt: skip
         for a in self.adapters.values():

@@ -32,6 +32,7 @@ def build_adapter(
     stem_layers: int = 2,
     caption_action: bool = False,
     action_classes: int = 0,
+    shape_fourier: int = 0,
 ) -> Adapter:
     """The adapter of one registry entry; `present` is the modality a future one starts from."""
     return KINDS[mod.kind](
@@ -44,6 +45,7 @@ def build_adapter(
         stem_layers=stem_layers,
         caption_action=caption_action,
         action_classes=action_classes,
+        shape_fourier=shape_fourier,
     )
 
 

@@ -40,6 +40,7 @@ MOVE_SCALE = 0.05  # a displacement output of 1 = 5% of the frame
 B_MIN = 1e-3  # smallest Laplace scale, frame units (a quarter pixel)
 L1_WEIGHT = 10.0  # of the position's L1 error (frame units) beside the scale's NLL
 L2_WEIGHT = 100.0  # of a future position's squared error, with future_l2 (same gradient at 5%)
+SHAPE_SIGMA = 1.0  # frequency scale of the shape's Fourier features (docs/model.md, run 14's probe)
 
 
 def bin_value(ids: Tensor) -> Tensor:
@@ -74,6 +75,34 @@ def skeleton_shape(ids: Tensor, pos: Tensor, row: Tensor, batch: int) -> Tensor:
     )
 
 
+class ShapeFourier(nn.Module):
+    """skeleton_shape (B, SHAPE) -> itself plus sin and cos of 2 pi P B, where P are the 26
+    normalised joint positions and B a fixed Gaussian (26, n): action and motion are sharp
+    functions of the shape, which an MLP learns from these with far fewer samples than from
+    P alone (docs/model.md, run 14's probe)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        # drawn from a fixed seed rather than stored: a half-precision checkpoint would round it
+        gen = torch.Generator().manual_seed(0)
+        freqs = torch.randn(2 * NUM_JOINTS, n, generator=gen) * SHAPE_SIGMA
+        self.register_buffer("freqs", freqs, persistent=False)
+        cols = torch.arange(NUM_JOINTS * 6).view(NUM_JOINTS, 6)[:, :2].flatten()
+        self.register_buffer("cols", cols, persistent=False)
+
+    def forward(self, shape: Tensor) -> Tensor:
+        z = 2 * math.pi * shape[:, self.cols].float() @ self.freqs.float()
+        return torch.cat([shape, z.sin().to(shape.dtype), z.cos().to(shape.dtype)], 1)
+
+
+def shape_mlp(dim: int, fourier: int) -> nn.Sequential:
+    """The skeleton's shape vector -> (B, dim); `fourier` random features in front (0: none)."""
+    front = [ShapeFourier(fourier)] if fourier else []
+    return nn.Sequential(
+        *front, nn.Linear(SHAPE + 2 * fourier, dim), nn.GELU(), nn.Linear(dim, dim)
+    )
+
+
 class PoseAdapter(Adapter):
     def __init__(
         self,
@@ -82,6 +111,7 @@ class PoseAdapter(Adapter):
         present: Modality | None = None,
         query_shape: bool = False,
         future_l2: bool = False,
+        shape_fourier: int = 0,
         **_: object,
     ):
         super().__init__(mod, dim)
@@ -94,17 +124,9 @@ class PoseAdapter(Adapter):
         self.frame_emb = nn.Embedding(FUTURE_FRAMES + 1, dim)
         self.joint_emb = nn.Embedding(NUM_JOINTS, dim)
         self.comp_emb = nn.Embedding(3, dim)
-        self.shape = (
-            nn.Sequential(nn.Linear(SHAPE, dim), nn.GELU(), nn.Linear(dim, dim))
-            if mod.can_input
-            else None
-        )
+        self.shape = shape_mlp(dim, shape_fourier) if mod.can_input else None
         # future queries carry the present skeleton's shape: the motion is a function of it
-        self.query_shape = (
-            nn.Sequential(nn.Linear(SHAPE, dim), nn.GELU(), nn.Linear(dim, dim))
-            if self.future and query_shape
-            else None
-        )
+        self.query_shape = shape_mlp(dim, shape_fourier) if self.future and query_shape else None
         self.coord_out = nn.Linear(dim, 3)  # value (future: displacement), log scale, cell offset
         self.flag_out = nn.Linear(dim, 1)
         for table in (self.flag_in, self.frame_emb, self.joint_emb, self.comp_emb):

@@ -200,7 +200,16 @@ def test_label_adapter_overfits_a_batch():
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"query_shape": True, "future_l2": True, "stem_layers": 4, "caption_action": True}],
+    [
+        {},
+        {
+            "query_shape": True,
+            "future_l2": True,
+            "stem_layers": 4,
+            "caption_action": True,
+            "shape_fourier": 16,
+        },
+    ],
 )
 def test_every_parameter_receives_a_gradient(options):
     """Three samples that together put every modality in as an input and out as a target
@@ -339,12 +348,14 @@ def test_chain_caption_with_kv_cache_matches_the_teacher_forced_decoder(caption_
 # --- 4. checkpoints -------------------------------------------------------------------------
 
 
-def test_checkpoint_round_trip(tmp_path):
-    model = _model(seed=3).eval()
+@pytest.mark.parametrize("options", [{}, {"query_shape": True, "shape_fourier": 16}])
+def test_checkpoint_round_trip(tmp_path, options):
+    model = _model(seed=3, **options).eval()
     sets = (AlphaSet({"tok_rgb": 1.0, "coords": 1.0, "action": 1.0},
                      {"captions": 1.0, "coords_next": 1.0, "tok_rgb_next": 1.0}),)  # fmt: skip
     batch = _batch(*sets, n=2, reveal=0.5)
     model.set_copy_margin(1.5)  # calibrated at export, it travels in config.json
+    assert not [k for k in model.state_dict() if "freqs" in k]  # redrawn, never rounded
     save_checkpoint(tmp_path / "ckpt", model)
     loaded = load_checkpoint(tmp_path / "ckpt").model
     assert type(loaded) is M2ModelV2 and loaded.config == model.config
@@ -548,6 +559,8 @@ def test_future_l2_trains_the_mean_displacement_and_l1_the_median():
 
 def test_config_rejects_bad_values():
     M2ConfigV2(**TINY)  # the baseline is fine
+    with pytest.raises(ValueError, match="shape_fourier"):
+        M2ConfigV2(**TINY, shape_fourier=-1)
     with pytest.raises(ValueError, match="format"):
         M2ConfigV2(**TINY, format=1)
     with pytest.raises(ValueError, match="format"):
