@@ -91,8 +91,22 @@ def test_frames_load_with_bands_on_the_drawn_limbs(figures) -> None:
     assert differs[bands].float().mean() > 4 * differs[~bands].float().mean()
 
 
+def test_a_band_pixel_pulls_one_plus_limb_weight_times_as_hard() -> None:
+    """The same error on and off the band: the loss's gradient there is 1 + limb_weight times
+    as large (pixel terms only; the edge term is off)."""
+    cfg = load_config(None, [*TINY, "limb_weight=4", "edge_weight=0"])
+    recon = torch.full((1, 3, 4, 4), 0.5, requires_grad=True)
+    band = torch.zeros(1, 1, 4, 4)
+    band[..., 0, 0] = 1.0
+    recon_loss(recon, torch.zeros(1, 3, 4, 4), cfg, 1.0 + cfg.limb_weight * band).backward()
+    g = recon.grad[0, 0]
+    torch.testing.assert_close(g[0, 0] / g[1, 1], torch.tensor(5.0))
+
+
 def test_limb_weight_moves_the_loss_to_the_band(figures) -> None:
-    """Same seed, same steps: weighting the band lowers its error more than the frame's."""
+    """Same seed, same steps: weighting the band lowers its error more than the frame's.
+    The size of the shift is small at these steps and varies between machines (the band's
+    error falls 2-5% more than the frame's), so the test asserts its direction."""
     clips = list(data.iter_clips(figures))
     images, bands = data.load_frames(data.frame_refs(clips[-1:]), bands=True)
     errors = {}
@@ -114,7 +128,7 @@ def test_limb_weight_moves_the_loss_to_the_band(figures) -> None:
         errors[weight] = (sq[bands].mean().item(), sq.mean().item())
     band_ratio = errors[20.0][0] / errors[0.0][0]
     frame_ratio = errors[20.0][1] / errors[0.0][1]
-    assert band_ratio < 0.95 * frame_ratio and band_ratio < 1, errors
+    assert band_ratio < frame_ratio and band_ratio < 1, errors
 
 
 def test_time_budget_cuts_the_schedule_and_resume_keeps_it(figures, tmp_path) -> None:
