@@ -4,7 +4,7 @@
 #   $WORK/times.json. It writes $OUT (default $WORK/m2-demo-v2), not the bundled demo: that
 #   is swapped only once a format-2 checkpoint beats it on every from-frame row (issue 18).
 #
-#   WORK=data/demo-v2 bash scripts/make_demo_v2.sh                   # 2-core CPU: ~2 h 15 min (docs/model.md, run 5)
+#   WORK=data/demo-v2 bash scripts/make_demo_v2.sh                   # 2-core CPU: 2 h 15 min-2 h 45 min (docs/model.md, "Reproducing")
 #   WORK=data/demo-v2 GPU_MINUTES=5 bash scripts/make_demo_v2.sh     # the run on one GPU (not yet tried)
 #
 # Knobs: CLIPS (2000); SYNTH (the clips' folder, default $WORK/synth, reused with --resume);
