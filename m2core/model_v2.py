@@ -53,6 +53,7 @@ class M2ConfigV2:
     stem_layers: int = 2  # 3x3 conv layers over the image token grid before the trunk
     caption_action: bool = False  # caption queries carry the sample's action (given or read)
     shape_fourier: int = 0  # random Fourier features of the skeleton's shape (0: positions only)
+    motion_head: bool = False  # future displacements also straight from the query's shape features
     copy_margin: float = 0.0  # nats a next-frame token must beat the present by (set at export)
 
     def __post_init__(self) -> None:
@@ -76,6 +77,8 @@ class M2ConfigV2:
             raise ValueError(f"model.copy_margin must be >= 0 nats, got {self.copy_margin}")
         if self.shape_fourier < 0:
             raise ValueError(f"model.shape_fourier must be >= 0, got {self.shape_fourier}")
+        if self.motion_head and not self.query_shape:
+            raise ValueError("model.motion_head reads the forecast queries' shape: set query_shape")
         if self.stem_layers < 2:
             raise ValueError(f"model.stem_layers must be >= 2, got {self.stem_layers}")
         if self.dim % self.heads or (self.dim // self.heads) % 2 or self.dim % 4:
@@ -124,7 +127,8 @@ class M2ModelV2(nn.Module):
         self.adapters = nn.ModuleDict({
             n: build_adapter(m, D, config.image_levels, reg[PRESENT_OF[n]] if n in PRESENT_OF else None,
                              config.query_shape, config.future_l2, config.stem_layers,
-                             config.caption_action, config.action_classes, config.shape_fourier)
+                             config.caption_action, config.action_classes, config.shape_fourier,
+                             config.motion_head)
             for n, m in reg.items()
         })  # fmt: skip
         for a in self.adapters.values():
@@ -281,7 +285,7 @@ class M2ModelV2(nn.Module):
 
     def target_slots(self, batch: dict[str, Tensor], name: str) -> tuple[Tensor, Slots]:
         return self.slots(name, batch["dec_query"], batch["dec_mod"], batch["dec_pos"], batch["dec_valid"],
-                          batch.get("dec_prior"))  # fmt: skip
+                          batch.get("dec_prior"), batch.get("present_pose"))  # fmt: skip
 
     def forward(
         self, batch: dict[str, Tensor]

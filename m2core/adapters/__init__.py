@@ -33,6 +33,7 @@ def build_adapter(
     caption_action: bool = False,
     action_classes: int = 0,
     shape_fourier: int = 0,
+    motion_head: bool = False,
 ) -> Adapter:
     """The adapter of one registry entry; `present` is the modality a future one starts from."""
     return KINDS[mod.kind](
@@ -46,6 +47,7 @@ def build_adapter(
         caption_action=caption_action,
         action_classes=action_classes,
         shape_fourier=shape_fourier,
+        motion_head=motion_head,
     )
 
 

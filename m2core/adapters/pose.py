@@ -8,7 +8,9 @@ as positions and visibility flags read out directly.
 - The skeleton now is read out where the frame is among the inputs: each x / y query
   attends over the image tokens of the context and takes the expected cell centre, plus a
   small regressed offset. Without a frame it is regressed from the query's state.
-- A future coordinate is the present one plus a regressed displacement.
+- A future coordinate is the present one plus a displacement: with `motion_head`, a linear
+  map of the forecast queries' shape features (a path of its own, docs/model.md run 15)
+  plus the trunk's regressed correction, which is where an action or caption can steer.
 - Every coordinate carries a Laplace scale b, read from the state by a head of its own
   and trained by the Laplace negative log-likelihood |y - mu| / b + log b (frame units)
   with the position held fixed; the position itself by its L1 error. So the model says
@@ -112,6 +114,7 @@ class PoseAdapter(Adapter):
         query_shape: bool = False,
         future_l2: bool = False,
         shape_fourier: int = 0,
+        motion_head: bool = False,
         **_: object,
     ):
         super().__init__(mod, dim)
@@ -127,6 +130,13 @@ class PoseAdapter(Adapter):
         self.shape = shape_mlp(dim, shape_fourier) if mod.can_input else None
         # future queries carry the present skeleton's shape: the motion is a function of it
         self.query_shape = shape_mlp(dim, shape_fourier) if self.future and query_shape else None
+        # every future displacement straight from those features: the trunk alone learnt the
+        # motion far slower than a small MLP on the same shape (docs/model.md, run 15)
+        self.motion = None
+        if self.query_shape is not None and motion_head:
+            self.motion = nn.Linear(dim, FUTURE_FRAMES * TOKENS_PER_POSE)
+            nn.init.zeros_(self.motion.weight)  # starts at standing still, as the trunk's
+            nn.init.zeros_(self.motion.bias)
         self.coord_out = nn.Linear(dim, 3)  # value (future: displacement), log scale, cell offset
         self.flag_out = nn.Linear(dim, 1)
         for table in (self.flag_in, self.frame_emb, self.joint_emb, self.comp_emb):
@@ -158,13 +168,18 @@ class PoseAdapter(Adapter):
         x = super().embed_query(s)
         if self.future and s.present is not None:
             x = x + torch.where((s.present >= 0)[:, None], self.value(s.present.clamp(min=0)), 0.0)
-        if self.query_shape is not None and s.present_pose is not None:
-            B, n = s.present_pose.shape
-            pos = torch.arange(n, device=x.device).repeat(B)
-            row = torch.arange(B, device=x.device).repeat_interleave(n)
-            shape = skeleton_shape(s.present_pose.flatten(), pos, row, B)
-            x = x + self.query_shape(shape.to(x.dtype))[s.row]
-        return x
+        shape = self.present_shape(s, x.dtype)
+        return x if shape is None else x + shape[s.row]
+
+    def present_shape(self, s: Slots, dtype: torch.dtype) -> Tensor | None:
+        """(B, dim) features of each sample's present skeleton for the future queries."""
+        if self.query_shape is None or s.present_pose is None:
+            return None
+        B, n = s.present_pose.shape
+        pos = torch.arange(n, device=s.present_pose.device).repeat(B)
+        row = torch.arange(B, device=s.present_pose.device).repeat_interleave(n)
+        shape = skeleton_shape(s.present_pose.flatten(), pos, row, B)
+        return self.query_shape(shape.to(dtype))
 
     # --- outputs ---------------------------------------------------------------------
     def predict(self, h: Tensor, s: Slots, ctx: Inputs | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -178,7 +193,12 @@ class PoseAdapter(Adapter):
         if self.future:
             p = s.present if s.present is not None else torch.full_like(s.pos, -1)
             start = torch.where(p < POSE_BINS, bin_value(p.clamp(min=0)), 0.5)
-            mu = torch.where(p >= 0, start, 0.5) + MOVE_SCALE * raw[:, 0]
+            move = raw[:, 0]
+            shape = self.present_shape(s, h.dtype) if self.motion is not None else None
+            if shape is not None:
+                direct = self.motion(F.gelu(shape)).float()[s.row, s.pos]
+                move = move + torch.where(p >= 0, direct, 0.0)
+            mu = torch.where(p >= 0, start, 0.5) + MOVE_SCALE * move
             vis = torch.where(p >= POSE_BINS, (p == POSE_BINS + 1).float() * 2 - 1, 0.0)
             return mu, b, flag + self.flag_gain * vis
         mu = torch.sigmoid(raw[:, 0])

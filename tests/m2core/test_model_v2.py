@@ -20,7 +20,7 @@ from m2core.masking import (
     mask_sample,
     random_sample,
 )
-from m2core.modalities import POSE_BINS
+from m2core.modalities import FUTURE_FRAMES, POSE_BINS
 from m2core.model_v2 import M2ConfigV2, M2ModelV2
 
 IMAGE_VOCAB, TEXT_VOCAB, CAPTION_LEN, ACTIONS = 64, 300, 12, 5
@@ -208,6 +208,7 @@ def test_label_adapter_overfits_a_batch():
             "stem_layers": 4,
             "caption_action": True,
             "shape_fourier": 16,
+            "motion_head": True,
         },
     ],
 )
@@ -348,7 +349,9 @@ def test_chain_caption_with_kv_cache_matches_the_teacher_forced_decoder(caption_
 # --- 4. checkpoints -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("options", [{}, {"query_shape": True, "shape_fourier": 16}])
+@pytest.mark.parametrize(
+    "options", [{}, {"query_shape": True, "shape_fourier": 16, "motion_head": True}]
+)
 def test_checkpoint_round_trip(tmp_path, options):
     model = _model(seed=3, **options).eval()
     sets = (AlphaSet({"tok_rgb": 1.0, "coords": 1.0, "action": 1.0},
@@ -554,6 +557,40 @@ def test_future_l2_trains_the_mean_displacement_and_l1_the_median():
     assert abs(got[True] - 0.008) < 0.004, got
 
 
+def test_motion_head_forecasts_from_the_present_shape_without_the_trunk():
+    """Two samples whose skeletons move opposite ways, the trunk's state held at zero: with
+    motion_head the adapter alone learns each one's motion from its present skeleton;
+    without it both get one displacement (the trunk would have to tell them apart)."""
+    rng = np.random.default_rng(5)
+    pose = torch.stack([
+        torch.from_numpy(random_sample(rng, IMAGE_VOCAB, TEXT_VOCAB, CAPTION_LEN)["coords"])
+        for _ in range(2)
+    ])  # fmt: skip
+    pose[:, 2::3] = POSE_BINS + 1  # every joint visible, so every joint places the shape
+    pos = torch.tensor([p for p in range(FUTURE_FRAMES * 39) if p % 3 != 2]).repeat(2)
+    row = torch.arange(2).repeat_interleave(len(pos) // 2)
+    present = pose[row, pos % 39]
+    step = round(0.03 * POSE_BINS)
+    labels = (present + torch.where(row == 0, step, -step)).clamp(0, POSE_BINS - 1)
+    s = Slots(torch.full_like(pos, -1), pos, row, 2, present, pose)
+    err = {}
+    for motion_head in (False, True):
+        torch.manual_seed(0)
+        future = _model(query_shape=True, shape_fourier=16, motion_head=motion_head)
+        future = future.adapters["coords_next"]
+        h = torch.zeros(len(pos), 32)
+        opt = torch.optim.Adam(future.parameters(), lr=3e-3)
+        for _ in range(300):
+            total, n = future.loss(h, s, labels)
+            opt.zero_grad()
+            (total / n).backward()
+            opt.step()
+        with torch.no_grad():
+            mu = future.predict(h, s, None)[0]
+        err[motion_head] = float((mu - bin_value(labels)).abs().mean())
+    assert err[True] < 0.005 < 0.02 < err[False], err  # frame units; a 0.03 move each way
+
+
 # --- 6. config ------------------------------------------------------------------------------
 
 
@@ -561,6 +598,8 @@ def test_config_rejects_bad_values():
     M2ConfigV2(**TINY)  # the baseline is fine
     with pytest.raises(ValueError, match="shape_fourier"):
         M2ConfigV2(**TINY, shape_fourier=-1)
+    with pytest.raises(ValueError, match="query_shape"):
+        M2ConfigV2(**TINY, motion_head=True)
     with pytest.raises(ValueError, match="format"):
         M2ConfigV2(**TINY, format=1)
     with pytest.raises(ValueError, match="format"):
