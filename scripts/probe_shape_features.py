@@ -13,7 +13,6 @@ accuracy on the held-out clips. A few seconds per arm on one core.
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,8 @@ import scipy.io
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from m2core.adapters.pose import ShapeFourier
 
 HOP, AHEAD = 3, 6
 
@@ -56,21 +57,8 @@ def load(root: Path, clips: int) -> dict[str, torch.Tensor]:
     }  # fmt: skip
 
 
-class Fourier(nn.Module):
-    """x -> x, sin(2 pi P B), cos(2 pi P B); P the 26 positions, B ~ N(0, sigma^2)."""
-
-    def __init__(self, n: int, sigma: float, seed: int):
-        super().__init__()
-        gen = torch.Generator().manual_seed(seed)
-        self.register_buffer("freqs", torch.randn(26, n, generator=gen) * sigma)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = 2 * math.pi * x[:, :26] @ self.freqs
-        return torch.cat([x, z.sin(), z.cos()], 1)
-
-
 def mlp(d_in: int, d_out: int, fourier: int, sigma: float, seed: int) -> nn.Sequential:
-    front = [Fourier(fourier, sigma, seed)] if fourier else []
+    front = [ShapeFourier(fourier, sigma, seed, cols=torch.arange(26))] if fourier else []
     d = d_in + 2 * fourier
     return nn.Sequential(*front, nn.Linear(d, 192), nn.GELU(), nn.Linear(192, 192), nn.GELU(),
                          nn.Linear(192, d_out))  # fmt: skip

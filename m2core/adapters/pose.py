@@ -79,17 +79,20 @@ def skeleton_shape(ids: Tensor, pos: Tensor, row: Tensor, batch: int) -> Tensor:
 
 class ShapeFourier(nn.Module):
     """skeleton_shape (B, SHAPE) -> itself plus sin and cos of 2 pi P B, where P are the 26
-    normalised joint positions and B a fixed Gaussian (26, n): action and motion are sharp
-    functions of the shape, which an MLP learns from these with far fewer samples than from
-    P alone (docs/model.md, run 14's probe)."""
+    normalised joint positions (`cols`, by default where skeleton_shape puts them) and B a
+    fixed Gaussian (26, n): action and motion are sharp functions of the shape, which an MLP
+    learns from these with far fewer samples than from P alone (docs/model.md, run 14)."""
 
-    def __init__(self, n: int):
+    def __init__(
+        self, n: int, sigma: float = SHAPE_SIGMA, seed: int = 0, cols: Tensor | None = None
+    ):
         super().__init__()
         # drawn from a fixed seed rather than stored: a half-precision checkpoint would round it
-        gen = torch.Generator().manual_seed(0)
-        freqs = torch.randn(2 * NUM_JOINTS, n, generator=gen) * SHAPE_SIGMA
+        gen = torch.Generator().manual_seed(seed)
+        freqs = torch.randn(2 * NUM_JOINTS, n, generator=gen) * sigma
         self.register_buffer("freqs", freqs, persistent=False)
-        cols = torch.arange(NUM_JOINTS * 6).view(NUM_JOINTS, 6)[:, :2].flatten()
+        if cols is None:
+            cols = torch.arange(NUM_JOINTS * 6).view(NUM_JOINTS, 6)[:, :2].flatten()
         self.register_buffer("cols", cols, persistent=False)
 
     def forward(self, shape: Tensor) -> Tensor:
