@@ -29,6 +29,11 @@ def test_pck_ade_fde_by_hand():
     assert m["pck@0.05"] == pytest.approx([1.0, 0.0])  # 0.04 < 0.05 < 0.2
     assert m["ade"] == pytest.approx((6 * 0.04 + 12 * 0.2) / 24)
     assert m["fde"] == pytest.approx(0.2)
+    # per group: joints 0-5 are off 0.04 then 0.2, the rest 0 then 0.2; joint 12 is unseen
+    by = m["ade_by_group"]
+    assert list(by) == ["head", "shoulders", "elbows", "wrists", "hips", "knees", "ankles"]
+    assert [by["head"], by["wrists"]] == pytest.approx([0.12, 0.11])  # wrist 6 is not off
+    assert [by["hips"], by["ankles"]] == pytest.approx([0.1, 0.1])
 
 
 def test_baselines_are_exact_on_the_motion_they_assume():
@@ -166,6 +171,8 @@ def test_report_has_the_designed_keys_and_honest_baselines(trained, tmp_path):
     still = M.forecast_metrics(M.zero_velocity(read, 6), truth, scale)
     assert ff["zero_velocity"]["ade"] == pytest.approx(still["ade"])
     assert "what `/predict` does" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "report.md").read_text().count("| ADE by joint group |") == 2
+    assert ff["ade_by_group"]["wrists"] == pytest.approx(want["ade_by_group"]["wrists"])
     assert saved["tok_rgb_next"]["from_frame"]["token_accuracy"] == pytest.approx(
         (g.tok_rgb_next[:, 0].numpy() == nxt).mean()
     )

@@ -44,8 +44,6 @@ from training.eval.report import markdown
 log = logging.getLogger(__name__)
 IGNORE = -100
 NOW = ("tok_rgb", "coords", "captions", "action")
-JOINT_GROUPS = {"head": [0], "shoulders": [1, 2], "elbows": [3, 4], "wrists": [5, 6], "hips": [7, 8],
-                "knees": [9, 10], "ankles": [11, 12]}  # fmt: skip
 
 
 def full_batch(
@@ -228,7 +226,7 @@ def evaluate(
                         "zero_velocity": M.forecast_metrics(M.zero_velocity(gt_now, 6), gt_next, scale),
                         "constant_velocity": M.forecast_metrics(M.constant_velocity(gt_now, gt_prev, offsets), gt_next, scale)},
         "coords": {"pck@0.05": M.pck(err_now, gt_now[..., 2] > 0.5),
-                   "pck@0.05_by_group": {g: M.pck(err_now[:, j], gt_now[:, j, 2] > 0.5) for g, j in JOINT_GROUPS.items()},
+                   "pck@0.05_by_group": {g: M.pck(err_now[:, j], gt_now[:, j, 2] > 0.5) for g, j in M.JOINT_GROUPS.items()},
                    "flag_accuracy": float(((p_now[..., 2] > 0.5) == (gt_now[..., 2] > 0.5)).mean()),
                    "flag_all_visible": float((gt_now[..., 2] > 0.5).mean())},
         "coords_next_from_frame": {

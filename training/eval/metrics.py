@@ -23,6 +23,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+# the 13 Penn Action joints by group: an average over all of them can hide missing arms
+JOINT_GROUPS = {"head": [0], "shoulders": [1, 2], "elbows": [3, 4], "wrists": [5, 6], "hips": [7, 8],
+                "knees": [9, 10], "ankles": [11, 12]}  # fmt: skip
+
 
 def person_scale(bbox: np.ndarray) -> np.ndarray:
     """(N, 4) boxes x1 y1 x2 y2 -> (N,) longer side, floored so a degenerate box stays finite."""
@@ -45,19 +49,22 @@ def pck(err: np.ndarray, visible: np.ndarray, threshold: float = 0.05) -> float:
 def forecast_metrics(
     pred: np.ndarray, gt: np.ndarray, scale: np.ndarray, threshold: float = 0.05
 ) -> dict:
-    """pred (N, K, 13, >=2), gt (N, K, 13, 3) -> PCK per future step, ADE, FDE."""
+    """pred (N, K, 13, >=2), gt (N, K, 13, 3) -> PCK per future step, ADE, FDE, and ADE
+    per joint group."""
     err = normalised_errors(pred[..., :2], gt[..., :2], scale)  # (N, K, 13)
     vis = gt[..., 2] > 0.5
     k = gt.shape[1]
+
+    def mean(e: np.ndarray, v: np.ndarray) -> float:
+        return float(e[v].mean()) if v.any() else float("nan")
+
     return {
         f"pck@{threshold:g}": [pck(err[:, i], vis[:, i], threshold) for i in range(k)],
-        "ade": float(err[vis].mean()) if vis.any() else float("nan"),
-        "fde": float(err[:, -1][vis[:, -1]].mean()) if vis[:, -1].any() else float("nan"),
+        "ade": mean(err, vis),
+        "fde": mean(err[:, -1], vis[:, -1]),
         # mean error at each future step (ADE's terms), to compare step by step
-        "per_step": [
-            float(err[:, i][vis[:, i]].mean()) if vis[:, i].any() else float("nan")
-            for i in range(k)
-        ],
+        "per_step": [mean(err[:, i], vis[:, i]) for i in range(k)],
+        "ade_by_group": {g: mean(err[..., j], vis[..., j]) for g, j in JOINT_GROUPS.items()},
     }
 
 

@@ -22,6 +22,21 @@ def _pose_table(rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
     return lines
 
 
+def _group_table(rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Markdown lines: forecast ADE per joint group, one row per (label, metrics); none for
+    reports written before the groups were."""
+    rows = [(label, m["ade_by_group"]) for label, m in rows if "ade_by_group" in m]
+    if not rows:
+        return []
+    groups = list(rows[0][1])
+    lines = [
+        "| ADE by joint group | " + " | ".join(groups) + " |",
+        "|---" * (len(groups) + 1) + "|",
+    ]
+    lines += [f"| {label} | " + " | ".join(_f(m[g]) for g in groups) + " |" for label, m in rows]
+    return [*lines, ""]
+
+
 def markdown(r: dict[str, Any]) -> str:
     cn = r["coords_next"]
     lines = [f"# M2 evaluation: {r['samples']} samples from {r['clips']} clips ({r['split']} split)", "",
@@ -32,7 +47,8 @@ def markdown(r: dict[str, Any]) -> str:
     lines += _pose_table([("M2", cn), ("zero velocity", cn["zero_velocity"]),
                           ("constant velocity", cn["constant_velocity"])])  # fmt: skip
     t, c = r["tok_rgb_next"], r["captions"]
-    lines += ["", "Given the frame and the true skeleton at t. ADE / FDE in person scales (longer side "
+    lines += ["", *_group_table([("M2", cn), ("zero velocity", cn["zero_velocity"])])]
+    lines += ["Given the frame and the true skeleton at t. ADE / FDE in person scales (longer side "
               "of the box at t); invisible joints excluded.", "",
               f"Skeleton now from the frame alone: PCK@0.05 {_f(r['coords']['pck@0.05'])}"
               + (f"; visibility flags right for {_f(r['coords']['flag_accuracy'])} of the joints (marking "
@@ -63,7 +79,11 @@ def markdown(r: dict[str, Any]) -> str:
         lines += _pose_table(
             [("M2", ff), ("zero velocity (the skeleton M2 read)", ff["zero_velocity"])]
         )
-        lines += ["", "M2 reads the skeleton from the frame, then forecasts from it; errors against the "
+        lines += [
+            "",
+            *_group_table([("M2", ff), ("holding the read skeleton still", ff["zero_velocity"])]),
+        ]
+        lines += ["M2 reads the skeleton from the frame, then forecasts from it; errors against the "
                   "true future skeletons.", ""]  # fmt: skip
     lines += [
               "## Next key frame (`tok_rgb_next`)", "", "| method | token accuracy | PSNR (dB) |", "|---|---|---|",
