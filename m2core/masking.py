@@ -34,6 +34,7 @@ target_budget; slots grouped by modality in registry order, then padding):
 | dec_labels | (B, T) int64 | target id, or -100 (padding / revealed: no loss) |
 | dec_prior | (B, T) int64 | for `coords_next` / `tok_rgb_next` targets: the present token at that position (`coords` joint/component, `tok_rgb` cell), else -1 |
 | present_pose | (B, 39) int64 | the sample's present skeleton (`coords`), -1 where it has none: what a future skeleton starts from |
+| future_pose | (B, 234) int64 | the sample's whole `coords_next`, -1 where it has none: what the motion path trains on (`model.motion_dense`) |
 | action | (B,) int64 | only when the raw samples carry it: the clip's action id (-1 = unknown) |
 
 Per-sample cost is tens of microseconds (bench/bench_model.py measures it).
@@ -58,6 +59,7 @@ LABELS = ("action",)
 IGNORE = -100
 _REG = build_registry(action_classes=1)  # names, kinds and order only; sizes come from the arrays
 _NAMES = tuple(_REG)
+_FUTURE_LEN = _REG["coords_next"].num_tokens
 _KIND = {n: m.kind for n, m in _REG.items()}
 _INDEX = {n: i for i, n in enumerate(_REG)}
 _LENGTH = {n: m.num_tokens for n, m in _REG.items() if m.kind != "text"}
@@ -262,6 +264,9 @@ def mask_sample(
     out["dec_valid"][:t] = True
     out["present_pose"] = (
         ids["coords"] if "coords" in ids else np.full(TOKENS_PER_POSE, -1, np.int64)
+    )
+    out["future_pose"] = (
+        ids["coords_next"] if "coords_next" in ids else np.full(_FUTURE_LEN, -1, np.int64)
     )
     return {**out, **extra}
 

@@ -34,6 +34,7 @@ def build_adapter(
     action_classes: int = 0,
     shape_fourier: int = 0,
     motion_head: bool = False,
+    motion_dense: bool = False,
 ) -> Adapter:
     """The adapter of one registry entry; `present` is the modality a future one starts from."""
     return KINDS[mod.kind](
@@ -48,6 +49,7 @@ def build_adapter(
         action_classes=action_classes,
         shape_fourier=shape_fourier,
         motion_head=motion_head,
+        motion_dense=motion_dense,
     )
 
 

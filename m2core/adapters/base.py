@@ -57,6 +57,11 @@ class Adapter(nn.Module):
         tok = torch.where(shown[:, None], self.value(s.ids.clamp(min=0)), self.mask)
         return tok + self.positions(s.pos)
 
+    def whole_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor] | None:
+        """A loss over every sample's whole modality, beside the drawn target slots' (none
+        here; the future skeleton's motion path has one)."""
+        return None
+
     # A token classified over one vocabulary (text, label); image and pose override these.
     def logits(self, h: Tensor) -> Tensor:  # (n, D) -> (n, V)
         raise NotImplementedError

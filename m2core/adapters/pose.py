@@ -118,6 +118,7 @@ class PoseAdapter(Adapter):
         future_l2: bool = False,
         shape_fourier: int = 0,
         motion_head: bool = False,
+        motion_dense: bool = False,
         **_: object,
     ):
         super().__init__(mod, dim)
@@ -140,6 +141,7 @@ class PoseAdapter(Adapter):
             self.motion = nn.Linear(dim, FUTURE_FRAMES * TOKENS_PER_POSE)
             nn.init.zeros_(self.motion.weight)  # starts at standing still, as the trunk's
             nn.init.zeros_(self.motion.bias)
+        self.dense = self.motion is not None and motion_dense
         self.coord_out = nn.Linear(dim, 3)  # value (future: displacement), log scale, cell offset
         self.flag_out = nn.Linear(dim, 1)
         for table in (self.flag_in, self.frame_emb, self.joint_emb, self.comp_emb):
@@ -173,6 +175,25 @@ class PoseAdapter(Adapter):
             x = x + torch.where((s.present >= 0)[:, None], self.value(s.present.clamp(min=0)), 0.0)
         shape = self.present_shape(s, x.dtype)
         return x if shape is None else x + shape[s.row]
+
+    def whole_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor] | None:
+        """With motion_dense: the motion path alone against every future coordinate of every
+        sample with a present skeleton. It costs one small MLP a sample, so every sample of
+        a batch trains it, not only the future slots a target budget drew (run 15)."""
+        future = batch.get("future_pose") if self.dense else None
+        if future is None or batch.get("present_pose") is None:
+            return None
+        pose = batch["present_pose"]
+        B, n = future.shape
+        pos = torch.arange(n, device=future.device).repeat(B)
+        row = torch.arange(B, device=future.device).repeat_interleave(n)
+        present, labels = pose[row, pos % TOKENS_PER_POSE], future.flatten()
+        s = Slots(torch.full_like(pos, -1), pos, row, B, present, pose)
+        direct = self.motion(F.gelu(self.present_shape(s, self.motion.weight.dtype))).float()
+        mu = bin_value(present.clamp(0, POSE_BINS - 1)) + MOVE_SCALE * direct.flatten()
+        keep = (labels >= 0) & (labels < POSE_BINS) & (present >= 0) & (present < POSE_BINS)
+        err = (bin_value(labels.clamp(0, POSE_BINS - 1)) - mu).abs()
+        return (L1_WEIGHT * err * keep).sum(), keep.sum()
 
     def present_shape(self, s: Slots, dtype: torch.dtype) -> Tensor | None:
         """(B, dim) features of each sample's present skeleton for the future queries."""

@@ -209,6 +209,7 @@ def test_label_adapter_overfits_a_batch():
             "caption_action": True,
             "shape_fourier": 16,
             "motion_head": True,
+            "motion_dense": True,
         },
     ],
 )
@@ -591,6 +592,29 @@ def test_motion_head_forecasts_from_the_present_shape_without_the_trunk():
     assert err[True] < 0.005 < 0.02 < err[False], err  # frame units; a 0.03 move each way
 
 
+def test_motion_dense_trains_the_motion_path_on_every_future_coordinate():
+    """With motion_dense the loss has one more term: the motion path alone against every
+    future x and y of every sample, whatever slots the target budget drew; it is the
+    path's L1 error, so a path that predicts each sample's motion scores zero."""
+    sets = (AlphaSet({"tok_rgb": 1.0}, {"coords": 1.0}),)  # no coords_next target at all
+    batch = _batch(*sets, n=3)
+    assert batch["future_pose"].shape == (3, FUTURE_FRAMES * 39)
+    parts, _ = _model(query_shape=True, motion_head=True)(batch)
+    assert set(parts) == {"coords"}
+    model = _model(query_shape=True, motion_head=True, motion_dense=True)
+    parts, loss = model(batch)
+    assert set(parts) == {"coords", "coords_next_whole"}
+    total, n = parts["coords_next_whole"]
+    assert int(n) == 3 * FUTURE_FRAMES * 26  # every joint of _raw's skeletons has x and y
+    present = batch["present_pose"].repeat(1, FUTURE_FRAMES).float()
+    future = batch["future_pose"].float()
+    xy = torch.arange(FUTURE_FRAMES * 39) % 3 != 2
+    standing = 10.0 * ((future - present)[:, xy].abs() / POSE_BINS).sum()
+    torch.testing.assert_close(total, standing)  # the path starts at standing still
+    loss.backward()
+    assert model.adapters["coords_next"].motion.weight.grad.abs().sum() > 0
+
+
 # --- 6. config ------------------------------------------------------------------------------
 
 
@@ -600,6 +624,8 @@ def test_config_rejects_bad_values():
         M2ConfigV2(**TINY, shape_fourier=-1)
     with pytest.raises(ValueError, match="query_shape"):
         M2ConfigV2(**TINY, motion_head=True)
+    with pytest.raises(ValueError, match="motion_head"):
+        M2ConfigV2(**TINY, query_shape=True, motion_dense=True)
     with pytest.raises(ValueError, match="format"):
         M2ConfigV2(**TINY, format=1)
     with pytest.raises(ValueError, match="format"):
