@@ -20,6 +20,12 @@ and starts with bos=1; its eligible tokens are the non-pad ones after bos (bos i
    schedule as generation): those queries carry their token and get no loss, so the
    model learns to predict the rest given the chosen ones, as MaskGIT asks it to.
    Future modalities never become encoder inputs (alpha 0 by default).
+6. read noise: with probability `read_noise_prob`, a sample whose present skeleton is not a
+   target gets it with each joint moved by Gaussian noise (`read_noise`, per joint, frame
+   units, times a scale drawn per sample from U(0, sqrt 3): mean square 1, some samples
+   near clean). The noisy skeleton is what the sample's inputs, `present_pose` and future
+   priors carry, as the chain's forecast starts from the skeleton it read from the frame;
+   every target stays true (docs/model.md, run 16).
 
 Batch format (`collate` stacks samples into torch tensors; I = input_budget, T =
 target_budget; slots grouped by modality in registry order, then padding):
@@ -33,7 +39,7 @@ target_budget; slots grouped by modality in registry order, then padding):
 | dec_mod, dec_pos, dec_valid | (B, T) | as for inputs |
 | dec_labels | (B, T) int64 | target id, or -100 (padding / revealed: no loss) |
 | dec_prior | (B, T) int64 | for `coords_next` / `tok_rgb_next` targets: the present token at that position (`coords` joint/component, `tok_rgb` cell), else -1 |
-| present_pose | (B, 39) int64 | the sample's present skeleton (`coords`), -1 where it has none: what a future skeleton starts from |
+| present_pose | (B, 39) int64 | the sample's present skeleton (`coords`, read-noised with step 6), -1 where it has none: what a future skeleton starts from |
 | future_pose | (B, 234) int64 | the sample's whole `coords_next`, -1 where it has none: what the motion path trains on (`model.motion_dense`) |
 | action | (B,) int64 | only when the raw samples carry it: the clip's action id (-1 = unknown) |
 
@@ -50,7 +56,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from m2core.modalities import TOKENS_PER_POSE, build_registry
+from m2core.modalities import NUM_JOINTS, POSE_BINS, TOKENS_PER_POSE, build_registry
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 # Per-sample labels that are not modalities: passed through to the batch as one int64 each
@@ -117,8 +123,21 @@ class MaskingConfig:
     target_budget: int = 128
     alpha_sets: tuple[AlphaSet, ...] = field(default=DEFAULT_ALPHA_SETS)
     reveal_prob: float = 0.5
+    read_noise: tuple[float, ...] = ()  # per joint, frame units (step 6); () = none
+    read_noise_prob: float = 0.0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "read_noise", tuple(float(v) for v in self.read_noise))
+        if self.read_noise and (
+            len(self.read_noise) != NUM_JOINTS or not all(0 <= v <= 1 for v in self.read_noise)
+        ):
+            raise ValueError(
+                f"read_noise needs {NUM_JOINTS} values in [0, 1] (frame units), got {self.read_noise}"
+            )
+        if not 0 <= self.read_noise_prob <= 1:
+            raise ValueError(f"read_noise_prob must be in [0, 1], got {self.read_noise_prob}")
+        if self.read_noise_prob > 0 and not self.read_noise:
+            raise ValueError("read_noise_prob > 0 needs read_noise (one value per joint)")
         if self.input_budget < 1 or self.target_budget < 1:
             raise ValueError(
                 f"masking budgets must be >= 1, got {self.input_budget}, {self.target_budget}"
@@ -131,7 +150,8 @@ class MaskingConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MaskingConfig:
         """From YAML/JSON data: alpha_sets as a list of {inputs, targets, weight} dicts."""
-        known = {"input_budget", "target_budget", "alpha_sets", "reveal_prob"}
+        known = {"input_budget", "target_budget", "alpha_sets", "reveal_prob", "read_noise",
+                 "read_noise_prob"}  # fmt: skip
         for key in data:
             if key not in known:
                 raise ValueError(f"unknown masking config key {key!r}; known: {sorted(known)}")
@@ -147,6 +167,8 @@ class MaskingConfig:
             "input_budget": self.input_budget,
             "target_budget": self.target_budget,
             "reveal_prob": self.reveal_prob,
+            "read_noise": list(self.read_noise),
+            "read_noise_prob": self.read_noise_prob,
             "alpha_sets": [
                 {"inputs": dict(s.inputs), "targets": dict(s.targets), "weight": s.weight}
                 for s in self.alpha_sets
@@ -216,6 +238,9 @@ def mask_sample(
     a_t = np.array([aset.targets.get(n, 0.0) for n in names], dtype=float)
     n_in = _split(cfg.input_budget, a_in, avail, rng)
     n_t = _split(cfg.target_budget, a_t, avail - n_in, rng)
+    noise = cfg.read_noise_prob > 0 and "coords" in ids and rng.random() < cfg.read_noise_prob
+    if noise and n_t[names.index("coords")] == 0:
+        ids["coords"] = _read_noise(ids["coords"], cfg.read_noise, rng)
 
     size_in, size_t = cfg.input_budget, cfg.target_budget
     out = {
@@ -269,6 +294,16 @@ def mask_sample(
         ids["coords_next"] if "coords_next" in ids else np.full(_FUTURE_LEN, -1, np.int64)
     )
     return {**out, **extra}
+
+
+def _read_noise(pose: np.ndarray, sigma: Sequence[float], rng: np.random.Generator) -> np.ndarray:
+    """A (39,) skeleton with each placed joint moved by N(0, (u sigma_j)^2), u ~ U(0, sqrt 3)."""
+    xy = pose.reshape(NUM_JOINTS, 3)[:, :2]
+    scale = rng.uniform(0, math.sqrt(3)) * np.asarray(sigma)[:, None] * POSE_BINS
+    moved = np.clip(np.rint(xy + rng.standard_normal(xy.shape) * scale), 0, POSE_BINS - 1)
+    out = pose.reshape(NUM_JOINTS, 3).copy()
+    out[:, :2] = np.where(xy < POSE_BINS, moved, xy).astype(np.int64)
+    return out.reshape(-1)
 
 
 def collate(samples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, torch.Tensor]:

@@ -47,6 +47,10 @@ JOINT_NAMES: tuple[str, ...] = (
     "r_ankle",
 )
 NUM_JOINTS = len(JOINT_NAMES)  # 13, Penn Action order
+# the joints by group: an average over all of them can hide missing arms
+JOINT_GROUPS: dict[str, list[int]] = {"head": [0], "shoulders": [1, 2], "elbows": [3, 4],
+                                      "wrists": [5, 6], "hips": [7, 8], "knees": [9, 10],
+                                      "ankles": [11, 12]}  # fmt: skip
 POSE_COMPONENTS: tuple[str, ...] = ("x", "y", "visible")
 TOKENS_PER_POSE = NUM_JOINTS * len(POSE_COMPONENTS)  # 39
 FUTURE_FRAMES = 6  # skeletons in coords_next (t+1 ... t+S with the default stride S=6)

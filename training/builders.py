@@ -68,9 +68,26 @@ def masking_config(cfg: TrainConfig) -> Any:
                 )
                 for s in DEFAULT_ALPHA_SETS
             )
-        return MaskingConfig(cfg.input_tokens, cfg.target_tokens, sets, cfg.reveal_prob)
+        return MaskingConfig(cfg.input_tokens, cfg.target_tokens, sets, cfg.reveal_prob,
+                             read_noise(cfg.read_noise), cfg.read_noise_prob)  # fmt: skip
     except (TypeError, ValueError) as e:
         raise ValueError(f"config: masking: {e}") from None
+
+
+def read_noise(groups: dict[str, float]) -> tuple[float, ...]:
+    """{joint group: std} -> one std per joint (a group left out: 0); {} -> () (off)."""
+    from m2core.modalities import JOINT_GROUPS, NUM_JOINTS
+
+    bad = sorted(set(groups) - set(JOINT_GROUPS))
+    if bad:
+        raise ValueError(f"read_noise: unknown joint group(s) {bad}; known: {list(JOINT_GROUPS)}")
+    if not groups:
+        return ()
+    sigma = [0.0] * NUM_JOINTS
+    for name, joints in JOINT_GROUPS.items():
+        for j in joints:
+            sigma[j] = groups.get(name, 0.0)
+    return tuple(sigma)
 
 
 @dataclass(frozen=True)

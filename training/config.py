@@ -9,7 +9,7 @@ Rules:
 - The YAML file sets values, `key=value` overrides win; each value is parsed with
   `yaml.safe_load`, so `lr=3e-4`, `resume=none` and `model={dim: 64}` all work.
 - Keys are flat. Fields that hold a mapping (`model`, `input_alphas`, `target_alphas`,
-  `short_batch`) also take dotted overrides: `model.dim=64`, `short_batch.batch_size=32`.
+  `short_batch`, `read_noise`) also take dotted overrides: `model.dim=64`, `short_batch.batch_size=32`.
 - An unknown key is an error that names it (and the closest known key).
 - Token counts (`total_tokens`, `warmup_tokens`, `eval_interval`, `checkpoint_interval`)
   are in millions of tokens, as in the note; a string with a suffix is an exact count
@@ -72,6 +72,10 @@ class TrainConfig:
         default_factory=list
     )  # [{inputs, targets, weight}]
     reveal_prob: float = 0.5  # share of image/pose targets that reveal part of themselves (MaskGIT)
+    # Share of samples whose present skeleton (when not a target) enters with read-like error,
+    # and that error's std per joint group in frame units (m2core/masking.py, step 6).
+    read_noise_prob: float = 0.0
+    read_noise: dict[str, float] = field(default_factory=dict)  # {head: 0.03, ...}
     # A second batch every step, of short samples with their own budget and mixtures (say the
     # skeleton alone, a third of a full sample's tokens): {batch_size, input_tokens,
     # target_tokens, alpha_mixtures, weight}; its loss is added times weight. {} = off.
@@ -222,7 +226,7 @@ def _apply_override(values: dict[str, Any], key: str, value: Any) -> None:
     if not rest:
         values[canon] = value
         return
-    if canon not in ("model", "input_alphas", "target_alphas", "short_batch"):
+    if canon not in ("model", "input_alphas", "target_alphas", "short_batch", "read_noise"):
         raise ValueError(f"override {key!r}: {canon!r} is not a mapping, use {canon}=VALUE")
     sub = dict(values.get(canon) or {})
     sub[rest] = value

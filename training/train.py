@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -223,11 +224,12 @@ def _loaders(run: _Run) -> tuple[Iterator, Iterator | None]:
         specs["short"] = (run.short.masking, run.short.batch_size, cfg.seed + 7919, 0)
     its: dict[str, Iterator] = {}
     for key, (mcfg, batch, seed, workers) in specs.items():
-        run.masks[key] = functools.partial(_mask, mcfg)
+        # validation scores from the true skeleton: comparable between runs with and without
+        run.masks[key] = functools.partial(_mask, dataclasses.replace(mcfg, read_noise_prob=0.0))
         sampler = StepSampler(batch, acc.num_processes, acc.process_index, cfg.grad_accum,
                               run.step, run.plan.total_steps)  # fmt: skip
         its[key] = iter(DataLoader(
-            MaskedDataset(run.train_shards, run.masks[key], seed),
+            MaskedDataset(run.train_shards, functools.partial(_mask, mcfg), seed),
             batch_sampler=sampler,
             collate_fn=collate,
             num_workers=workers,

@@ -15,7 +15,7 @@ from m2core.masking import (
     mask_sample,
     random_sample,
 )
-from m2core.modalities import build_registry
+from m2core.modalities import NUM_JOINTS, POSE_BINS, TOKENS_PER_POSE, build_registry
 
 REG = build_registry(64, 300, 32)
 NAMES = list(REG)
@@ -209,3 +209,46 @@ def test_an_action_label_passes_through_to_the_batch():
     batch = collate([mask_sample(s, cfg, rng) for s in samples])
     assert batch["action"].tolist() == [4, -1] and batch["action"].dtype == torch.int64
     assert "action" not in collate([mask_sample(random_sample(rng, 64, 300, 32), cfg, rng)])
+
+
+def test_read_noise_moves_the_present_skeleton_everywhere_it_enters_but_no_target():
+    """Step 6: the noised present skeleton is what the inputs, `present_pose` and the future
+    priors carry, as the chain's forecast starts from the skeleton it read; flags, targets
+    and `future_pose` stay true; a sample that has the skeleton as a target is left alone."""
+    sigma = (0.05,) * NUM_JOINTS
+    forecast = AlphaSet({"tok_rgb": 1.0, "coords": 1.0}, {"coords_next": 1.0})
+    reading = AlphaSet({"tok_rgb": 1.0}, {"coords": 1.0})
+    noisy_cfg = MaskingConfig(64, 128, (forecast,), 0.0, sigma, 1.0)
+    coords, nxt = NAMES.index("coords"), NAMES.index("coords_next")
+    rng = np.random.default_rng(0)
+    moved, shown = [], 0
+    for _ in range(60):
+        raw = random_sample(rng, 64, 300, 32)
+        m = mask_sample(raw, noisy_cfg, rng)
+        noisy = m["present_pose"]
+        assert (noisy[2::3] == raw["coords"][2::3]).all()  # flags are not moved
+        moved.append((noisy - raw["coords"]).reshape(NUM_JOINTS, 3)[:, :2] / POSE_BINS)
+        enc = m["enc_valid"] & (m["enc_mod"] == coords)
+        assert (m["enc_ids"][enc] == noisy[m["enc_pos"][enc]]).all()
+        shown += int(enc.sum())
+        dec = m["dec_valid"] & (m["dec_mod"] == nxt)
+        assert (m["dec_prior"][dec] == noisy[m["dec_pos"][dec] % TOKENS_PER_POSE]).all()
+        assert (m["dec_labels"][dec] == raw["coords_next"][m["dec_pos"][dec]]).all()
+        assert (m["future_pose"] == raw["coords_next"]).all()
+        read = mask_sample(raw, MaskingConfig(64, 128, (reading,), 0.0, sigma, 1.0), rng)
+        assert (read["present_pose"] == raw["coords"]).all()
+    assert shown > 200  # skeleton inputs were checked
+    d = np.concatenate(moved)
+    assert (np.abs(d) > 0).mean() > 0.9  # nearly every coordinate moved
+    # the per-sample scale has mean square 1: the rms is sigma, less a little clipped at edges
+    assert 0.035 < float(np.sqrt((d**2).mean())) <= 0.055
+    # off (prob 0) draws nothing extra: the same masks as a config without it
+    raw = random_sample(rng, 64, 300, 32)
+    a = mask_sample(raw, MaskingConfig(read_noise=sigma), np.random.default_rng(3))
+    b = mask_sample(raw, MaskingConfig(), np.random.default_rng(3))
+    assert all((a[k] == b[k]).all() for k in a)
+    with pytest.raises(ValueError, match="13 values"):
+        MaskingConfig(read_noise=(0.05,) * 7)
+    with pytest.raises(ValueError, match="needs read_noise"):
+        MaskingConfig(read_noise_prob=0.5)
+    assert MaskingConfig.from_dict(noisy_cfg.to_dict()) == noisy_cfg

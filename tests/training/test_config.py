@@ -134,3 +134,19 @@ def test_short_batch_takes_dotted_overrides_and_counts_in_the_plan():
     assert cfg.short_batch["batch_size"] == 8 and cfg.short_batch["input_tokens"] == 40
     assert make_plan(cfg, 1).tokens_per_step == 16 * 456 + 8 * (40 + 128)
     assert make_plan(load_config(path), 1).tokens_per_step == 16 * 456  # off in the config
+
+
+def test_read_noise_is_given_by_joint_group_and_reaches_the_masking():
+    from training.builders import masking_config
+
+    path = REPO / "configs" / "m2-tiny-v2.yaml"
+    cfg = load_config(
+        path, ["read_noise={wrists: 0.1}", "read_noise.head=0.03", "read_noise_prob=0.5"]
+    )
+    m = masking_config(cfg)
+    assert m.read_noise_prob == 0.5
+    assert m.read_noise == (0.03, 0, 0, 0, 0, 0.1, 0.1, 0, 0, 0, 0, 0, 0)
+    with pytest.raises(ValueError, match=r"unknown joint group.*'hands'"):
+        load_config(path, ["read_noise.hands=0.1"])
+    with pytest.raises(ValueError, match="needs read_noise"):
+        load_config(path, ["read_noise_prob=0.5"])

@@ -23,9 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-# the 13 Penn Action joints by group: an average over all of them can hide missing arms
-JOINT_GROUPS = {"head": [0], "shoulders": [1, 2], "elbows": [3, 4], "wrists": [5, 6], "hips": [7, 8],
-                "knees": [9, 10], "ankles": [11, 12]}  # fmt: skip
+from m2core.modalities import JOINT_GROUPS
 
 
 def person_scale(bbox: np.ndarray) -> np.ndarray:
