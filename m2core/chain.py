@@ -115,7 +115,7 @@ class Chain:
         ids = torch.full((B, n), -1, dtype=torch.long, device=ctx.mod.device)
         conf_all = torch.zeros(B, n, device=ids.device)
         for t in range(1, steps + 1):
-            s = model.query_slots(ids, prior, pose)
+            s = Slots.block(ids, prior, pose)
             h = model.decode(model.embed_queries(name, s), kv, cross_mask).flatten(0, 1)
             temp = self.cfg.temperature if steps > 1 else 0.0
             got, conf = model.adapters[name].readout(h, s, ctx, temp, self.gens)

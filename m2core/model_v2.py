@@ -209,19 +209,8 @@ class M2ModelV2(nn.Module):
                 x[sel] = (a.embed_query(s) if query else a.embed_input(s)).to(x.dtype)
         return x.view(B, N, -1) + self.mod_emb(mod)
 
-    @staticmethod
-    def query_slots(ids: Tensor, prior: Tensor | None = None, pose: Tensor | None = None) -> Slots:
-        """Every position of one modality, (B, n) ids -> their slots: what `slots` gives for
-        a full block of one modality, without the search (generation's hot loop)."""
-        B, n = ids.shape
-        dev = ids.device
-        pos = torch.arange(n, device=dev).repeat(B)
-        row = torch.arange(B, device=dev).repeat_interleave(n)
-        present = prior.flatten() if prior is not None else None
-        return Slots(ids.flatten(), pos, row, B, present, pose)
-
     def embed_queries(self, name: str, s: Slots) -> Tensor:
-        """One modality's query slots (from `query_slots`) -> (B, n, D), as `embed` gives them."""
+        """One modality's query slots (from `Slots.block`) -> (B, n, D), as `embed` gives them."""
         x = self.adapters[name].embed_query(s).to(self.mod_emb.weight.dtype)
         return x.view(s.batch, -1, self.config.dim) + self.mod_emb.weight[self.names.index(name)]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from m2core.adapters import Slots
 from m2core.adapters.image import COPY
 from m2core.chain import Chain
 from m2core.generate import GenerationConfig
@@ -39,7 +40,7 @@ def next_frame_gaps(
         chain = Chain(model, GenerationConfig(), [])  # generation's own encoding and queries
         chain.known["tok_rgb"] = (rgb, torch.ones_like(rgb, dtype=torch.bool))
         ctx, cross = chain.encode()
-        s = model.query_slots(torch.full_like(truth, -1), chain.queries("tok_rgb_next")[0])
+        s = Slots.block(torch.full_like(truth, -1), chain.queries("tok_rgb_next")[0])
         h = model.decode(model.embed_queries("tok_rgb_next", s), model.context_kv(ctx), cross)
         best, gap = model.adapters["tok_rgb_next"].copy_gap(h.flatten(0, 1), s)
         gaps.append(gap.float().cpu().numpy())

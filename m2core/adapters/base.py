@@ -23,6 +23,17 @@ class Slots:
     present_pose: Tensor | None = None  # (B, 39) each sample's present skeleton, -1 = unknown
     action: Tensor | None = None  # (B,) each sample's action id, -1 = unknown
 
+    @classmethod
+    def block(
+        cls, ids: Tensor, present: Tensor | None = None, present_pose: Tensor | None = None
+    ) -> Slots:
+        """Every position of a full (B, n) block of one modality (`present` also (B, n))."""
+        B, n = ids.shape
+        pos = torch.arange(n, device=ids.device).repeat(B)
+        row = torch.arange(B, device=ids.device).repeat_interleave(n)
+        flat = None if present is None else present.flatten()
+        return cls(ids.flatten(), pos, row, B, flat, present_pose)
+
 
 @dataclass
 class Inputs:

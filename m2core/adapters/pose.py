@@ -184,11 +184,9 @@ class PoseAdapter(Adapter):
         if future is None or batch.get("present_pose") is None:
             return None
         pose = batch["present_pose"]
-        B, n = future.shape
-        pos = torch.arange(n, device=future.device).repeat(B)
-        row = torch.arange(B, device=future.device).repeat_interleave(n)
-        present, labels = pose[row, pos % TOKENS_PER_POSE], future.flatten()
-        s = Slots(torch.full_like(pos, -1), pos, row, B, present, pose)
+        present = pose.repeat(1, FUTURE_FRAMES)  # the present token at each future position
+        s = Slots.block(torch.full_like(future, -1), present, pose)
+        present, labels = s.present, future.flatten()
         direct = self.motion(F.gelu(self.present_shape(s, self.motion.weight.dtype))).float()
         mu = bin_value(present.clamp(0, POSE_BINS - 1)) + MOVE_SCALE * direct.flatten()
         keep = (labels >= 0) & (labels < POSE_BINS) & (present >= 0) & (present < POSE_BINS)
@@ -199,11 +197,8 @@ class PoseAdapter(Adapter):
         """(B, dim) features of each sample's present skeleton for the future queries."""
         if self.query_shape is None or s.present_pose is None:
             return None
-        B, n = s.present_pose.shape
-        pos = torch.arange(n, device=s.present_pose.device).repeat(B)
-        row = torch.arange(B, device=s.present_pose.device).repeat_interleave(n)
-        shape = skeleton_shape(s.present_pose.flatten(), pos, row, B)
-        return self.query_shape(shape.to(dtype))
+        g = Slots.block(s.present_pose)
+        return self.query_shape(skeleton_shape(g.ids, g.pos, g.row, g.batch).to(dtype))
 
     # --- outputs ---------------------------------------------------------------------
     def predict(self, h: Tensor, s: Slots, ctx: Inputs | None) -> tuple[Tensor, Tensor, Tensor]:

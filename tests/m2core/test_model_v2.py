@@ -494,7 +494,7 @@ def test_future_pose_with_no_displacement_is_the_present():
 
 @pytest.mark.parametrize("name", ["coords", "action", "tok_rgb_next", "coords_next"])
 def test_generation_query_path_embeds_as_the_batch_path(name):
-    """`query_slots` + `embed_queries` (generation's hot loop) give what `embed` gives for a
+    """`Slots.block` + `embed_queries` (generation's hot loop) give what `embed` gives for a
     full block of one modality, with some tokens revealed, a present token and skeleton."""
     model, reg = _model(query_shape=True), M2ConfigV2(**TINY).registry()
     B, n, g = 2, reg[name].num_tokens, torch.Generator().manual_seed(0)
@@ -506,7 +506,7 @@ def test_generation_query_path_embeds_as_the_batch_path(name):
     pos, valid = torch.arange(n).expand(B, n), torch.ones(B, n, dtype=torch.bool)
     with torch.no_grad():
         slow = model.embed(ids, mod, pos, valid, query=True, prior=prior, present_pose=pose)
-        fast = model.embed_queries(name, model.query_slots(ids, prior, pose))
+        fast = model.embed_queries(name, Slots.block(ids, prior, pose))
     assert torch.equal(slow, fast)
 
 
