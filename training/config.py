@@ -76,6 +76,9 @@ class TrainConfig:
     # and that error's std per joint group in frame units (m2core/masking.py, step 6).
     read_noise_prob: float = 0.0
     read_noise: dict[str, float] = field(default_factory=dict)  # {head: 0.03, ...}
+    # Training samples a step whose skeleton now and future also train the forecast's motion
+    # path alone (no trunk pass, not counted as tokens); needs model.motion_dense. 0 = off.
+    motion_batch: int = 0
     # A second batch every step, of short samples with their own budget and mixtures (say the
     # skeleton alone, a third of a full sample's tokens): {batch_size, input_tokens,
     # target_tokens, alpha_mixtures, weight}; its loss is added times weight. {} = off.
@@ -354,5 +357,10 @@ def _validate(cfg: TrainConfig) -> None:
         for k, v in getattr(cfg, name).items():
             ok = isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
             need(ok, f"{name}.{k} must be a number >= 0, got {v!r}")
+    need(cfg.motion_batch >= 0, f"motion_batch must be >= 0, got {cfg.motion_batch}")
+    need(
+        not cfg.motion_batch or bool(cfg.model.get("motion_dense")),
+        "motion_batch trains the forecast's motion path: set model.motion_dense",
+    )
     masking_config(cfg)  # alphas name real modalities, mixtures are well formed
     short_batch(cfg)

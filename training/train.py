@@ -325,7 +325,11 @@ def _micro_steps(run: _Run, batches, window: Window) -> tuple[torch.Tensor, floa
         work = [("short", it_short, run.short.weight)] if it_short is not None else []
         for key, source, weight in [*work, ("main", it, 1.0)]:
             t0 = time.perf_counter()
-            batch = to_device(next(source), acc.device)
+            batch = next(source)
+            if key == "main" and cfg.motion_batch:  # pairs for the motion path alone
+                key_ = [cfg.seed, run.step, micro, acc.process_index]
+                batch.update(run.train_shards.pose_pairs(cfg.motion_batch, key_))
+            batch = to_device(batch, acc.device)
             wait += time.perf_counter() - t0
             sync = key == "main" and micro == cfg.grad_accum - 1
             with contextlib.nullcontext() if sync else acc.no_sync(model):

@@ -179,11 +179,15 @@ class PoseAdapter(Adapter):
     def whole_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor] | None:
         """With motion_dense: the motion path alone against every future coordinate of every
         sample with a present skeleton. It costs one small MLP a sample, so every sample of
-        a batch trains it, not only the future slots a target budget drew (run 15)."""
+        a batch trains it, not only the future slots a target budget drew (run 15), and so
+        do the step's extra skeleton pairs (`motion_present` / `motion_future`, run 16)."""
         future = batch.get("future_pose") if self.dense else None
         if future is None or batch.get("present_pose") is None:
             return None
         pose = batch["present_pose"]
+        if batch.get("motion_present") is not None:
+            pose = torch.cat([pose, batch["motion_present"]])
+            future = torch.cat([future, batch["motion_future"]])
         present = pose.repeat(1, FUTURE_FRAMES)  # the present token at each future position
         s = Slots.block(torch.full_like(future, -1), present, pose)
         present, labels = s.present, future.flatten()

@@ -613,6 +613,13 @@ def test_motion_dense_trains_the_motion_path_on_every_future_coordinate():
     torch.testing.assert_close(total, standing)  # the path starts at standing still
     loss.backward()
     assert model.adapters["coords_next"].motion.weight.grad.abs().sum() > 0
+    # a step's extra skeleton pairs (training's motion_batch) join the same term
+    extra = _batch(*sets, n=2)
+    pairs = {"motion_present": extra["present_pose"], "motion_future": extra["future_pose"]}
+    total2, n2 = model({**batch, **pairs})[0]["coords_next_whole"]
+    assert int(n2) == 5 * FUTURE_FRAMES * 26
+    more = extra["future_pose"].float() - extra["present_pose"].repeat(1, FUTURE_FRAMES).float()
+    torch.testing.assert_close(total2, standing + 10.0 * (more[:, xy].abs() / POSE_BINS).sum())
 
 
 # --- 6. config ------------------------------------------------------------------------------

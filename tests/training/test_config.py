@@ -150,3 +150,12 @@ def test_read_noise_is_given_by_joint_group_and_reaches_the_masking():
         load_config(path, ["read_noise.hands=0.1"])
     with pytest.raises(ValueError, match="needs read_noise"):
         load_config(path, ["read_noise_prob=0.5"])
+
+
+def test_motion_batch_needs_the_motion_path():
+    path = REPO / "configs" / "m2-tiny-v2.yaml"
+    assert load_config(path, ["motion_batch=64"]).motion_batch == 64
+    with pytest.raises(ValueError, match=r"set model\.motion_dense"):
+        load_config(path, ["motion_batch=64", "model.motion_dense=false"])
+    with pytest.raises(ValueError, match="motion_batch must be >= 0"):
+        load_config(path, ["motion_batch=-1"])

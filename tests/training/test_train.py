@@ -869,7 +869,8 @@ def test_one_format_2_run_trains_every_parameter_the_served_model_has(prepared, 
            "model": {**TINY["model"], "format": 2, "query_shape": True, "stem_layers": 3,
                      "caption_action": True, "shape_fourier": 16, "motion_head": True,
                      "motion_dense": True},
-           "weight_decay": 0.0, "total_tokens": "4096", "short_batch": SHORT}  # fmt: skip
+           "weight_decay": 0.0, "total_tokens": "4096", "short_batch": SHORT,
+           "motion_batch": 8}  # fmt: skip
     res = train(cfg)
     torch.manual_seed(0)  # train() builds its model right after seeding with cfg.seed
     start = M2ModelV2(model_config(make_config(cfg), load_meta(prepared))).state_dict()

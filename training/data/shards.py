@@ -90,6 +90,15 @@ class Shards:
             for name in MODALITY_ARRAYS
         }
 
+    def pose_pairs(self, n: int, key: list[int]) -> dict[str, torch.Tensor]:
+        """`n` rows drawn by `key` -> their skeleton now and whole future, as the motion
+        path's extra pairs (`motion_present` (n, 39), `motion_future` (n, 234))."""
+        rows = np.sort(np.random.default_rng([*key, 0x9A1]).integers(0, len(self), n))
+        return {
+            f"motion_{k}": torch.from_numpy(np.asarray(self.arrays[name][rows], dtype=np.int64))
+            for k, name in (("present", "coords"), ("future", "coords_next"))
+        }
+
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
