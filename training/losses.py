@@ -51,16 +51,19 @@ def accumulate(sums: dict[str, list], parts: dict[str, tuple[torch.Tensor, torch
 
 def reduce_ce(acc: Accelerator, sums: dict[str, list], names: tuple[str, ...]) -> dict[str, float]:
     """Sum per-modality (ce, n) over processes -> mean CE per modality and their mean (of
-    the modalities; the auxiliary `action` CE, when there is one, is reported beside it)."""
+    the modalities; the auxiliary `action` CE and a format-2 adapter's whole-modality loss
+    (`NAME_whole`), when there are any, are reported beside it)."""
     zero = torch.zeros((), dtype=torch.float64, device=acc.device)
-    keys = (*names, "action")
+    beside = ("action", *(f"{n}_whole" for n in names))  # the same keys on every process
+    keys = (*names, *beside)
     t = torch.stack([zero + sums.get(n, (0.0, 0))[k] for n in keys for k in (0, 1)])
     t = acc.reduce(t, "sum").cpu().view(-1, 2)
     ce = {n: float(t[i, 0] / t[i, 1]) for i, n in enumerate(names) if t[i, 1] > 0}
     if ce:
         ce["mean"] = float(np.mean(list(ce.values())))
-    if t[-1, 1] > 0:
-        ce["action"] = float(t[-1, 0] / t[-1, 1])
+    for i, n in enumerate(beside, len(names)):
+        if t[i, 1] > 0:
+            ce[n] = float(t[i, 0] / t[i, 1])
     return ce
 
 

@@ -872,6 +872,10 @@ def test_one_format_2_run_trains_every_parameter_the_served_model_has(prepared, 
            "weight_decay": 0.0, "total_tokens": "4096", "short_batch": SHORT,
            "motion_batch": 8}  # fmt: skip
     res = train(cfg)
+    log = (tmp_path / "r" / "logs" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(r) for r in log]  # the motion path's own term is logged beside the rest
+    for side in ("train", "val"):
+        assert any(f"{side}/ce_coords_next_whole" in r for r in rows)
     torch.manual_seed(0)  # train() builds its model right after seeding with cfg.seed
     start = M2ModelV2(model_config(make_config(cfg), load_meta(prepared))).state_dict()
     served = load_checkpoint(res.final_dir).model.state_dict()
