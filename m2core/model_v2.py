@@ -55,6 +55,7 @@ class M2ConfigV2:
     shape_fourier: int = 0  # random Fourier features of the skeleton's shape (0: positions only)
     motion_head: bool = False  # future displacements also straight from the query's shape features
     motion_dense: bool = False  # that path also trains on every sample's whole future
+    motion_extent: bool = False  # that path's output is in units of the skeleton's own extent
     copy_margin: float = 0.0  # nats a next-frame token must beat the present by (set at export)
 
     def __post_init__(self) -> None:
@@ -80,8 +81,10 @@ class M2ConfigV2:
             raise ValueError(f"model.shape_fourier must be >= 0, got {self.shape_fourier}")
         if self.motion_head and not self.query_shape:
             raise ValueError("model.motion_head reads the forecast queries' shape: set query_shape")
-        if self.motion_dense and not self.motion_head:
-            raise ValueError("model.motion_dense trains the motion path: set motion_head")
+        if (self.motion_dense or self.motion_extent) and not self.motion_head:
+            raise ValueError(
+                "model.motion_dense / motion_extent need the motion path: set motion_head"
+            )
         if self.stem_layers < 2:
             raise ValueError(f"model.stem_layers must be >= 2, got {self.stem_layers}")
         if self.dim % self.heads or (self.dim // self.heads) % 2 or self.dim % 4:
@@ -131,7 +134,7 @@ class M2ModelV2(nn.Module):
             n: build_adapter(m, D, config.image_levels, reg[PRESENT_OF[n]] if n in PRESENT_OF else None,
                              config.query_shape, config.future_l2, config.stem_layers,
                              config.caption_action, config.action_classes, config.shape_fourier,
-                             config.motion_head, config.motion_dense)
+                             config.motion_head, config.motion_dense, config.motion_extent)
             for n, m in reg.items()
         })  # fmt: skip
         for a in self.adapters.values():

@@ -35,6 +35,7 @@ def build_adapter(
     shape_fourier: int = 0,
     motion_head: bool = False,
     motion_dense: bool = False,
+    motion_extent: bool = False,
 ) -> Adapter:
     """The adapter of one registry entry; `present` is the modality a future one starts from."""
     return KINDS[mod.kind](
@@ -50,6 +51,7 @@ def build_adapter(
         shape_fourier=shape_fourier,
         motion_head=motion_head,
         motion_dense=motion_dense,
+        motion_extent=motion_extent,
     )
 
 

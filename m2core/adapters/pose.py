@@ -9,8 +9,9 @@ as positions and visibility flags read out directly.
   attends over the image tokens of the context and takes the expected cell centre, plus a
   small regressed offset. Without a frame it is regressed from the query's state.
 - A future coordinate is the present one plus a displacement: with `motion_head`, a linear
-  map of the forecast queries' shape features (a path of its own, docs/model.md run 15)
-  plus the trunk's regressed correction, which is where an action or caption can steer.
+  map of the forecast queries' shape features (a path of its own, docs/model.md run 15;
+  with `motion_extent` in units of the skeleton's own extent, run 16) plus the trunk's
+  regressed correction, which is where an action or caption can steer.
 - Every coordinate carries a Laplace scale b, read from the state by a head of its own
   and trained by the Laplace negative log-likelihood |y - mu| / b + log b (frame units)
   with the position held fixed; the position itself by its L1 error. So the model says
@@ -119,6 +120,7 @@ class PoseAdapter(Adapter):
         shape_fourier: int = 0,
         motion_head: bool = False,
         motion_dense: bool = False,
+        motion_extent: bool = False,
         **_: object,
     ):
         super().__init__(mod, dim)
@@ -142,6 +144,7 @@ class PoseAdapter(Adapter):
             nn.init.zeros_(self.motion.weight)  # starts at standing still, as the trunk's
             nn.init.zeros_(self.motion.bias)
         self.dense = self.motion is not None and motion_dense
+        self.extent = motion_extent
         self.coord_out = nn.Linear(dim, 3)  # value (future: displacement), log scale, cell offset
         self.flag_out = nn.Linear(dim, 1)
         for table in (self.flag_in, self.frame_emb, self.joint_emb, self.comp_emb):
@@ -191,8 +194,8 @@ class PoseAdapter(Adapter):
         present = pose.repeat(1, FUTURE_FRAMES)  # the present token at each future position
         s = Slots.block(torch.full_like(future, -1), present, pose)
         present, labels = s.present, future.flatten()
-        direct = self.motion(F.gelu(self.present_shape(s, self.motion.weight.dtype))).float()
-        mu = bin_value(present.clamp(0, POSE_BINS - 1)) + MOVE_SCALE * direct.flatten()
+        path = self.motion_path(s, self.motion.weight.dtype)
+        mu = bin_value(present.clamp(0, POSE_BINS - 1)) + path.flatten()
         keep = (labels >= 0) & (labels < POSE_BINS) & (present >= 0) & (present < POSE_BINS)
         err = (bin_value(labels.clamp(0, POSE_BINS - 1)) - mu).abs()
         return (L1_WEIGHT * err * keep).sum(), keep.sum()
@@ -201,8 +204,23 @@ class PoseAdapter(Adapter):
         """(B, dim) features of each sample's present skeleton for the future queries."""
         if self.query_shape is None or s.present_pose is None:
             return None
+        return self.query_shape(self._shape(s).to(dtype))
+
+    def motion_path(self, s: Slots, dtype: torch.dtype) -> Tensor | None:
+        """(B, 234) the path's displacement of every future coordinate, frame units: a map of
+        the shape features, in units of MOVE_SCALE or, with motion_extent, of the skeleton's
+        own extent (a motion scales with the person's size, which the features carry only
+        as a log; the probe's MLP predicts it in extents)."""
+        if self.motion is None or s.present_pose is None:
+            return None
+        shape = self._shape(s)
+        out = self.motion(F.gelu(self.query_shape(shape.to(dtype)))).float()
+        return out * (shape[:, -1:].exp() if self.extent else MOVE_SCALE)
+
+    @staticmethod
+    def _shape(s: Slots) -> Tensor:
         g = Slots.block(s.present_pose)
-        return self.query_shape(skeleton_shape(g.ids, g.pos, g.row, g.batch).to(dtype))
+        return skeleton_shape(g.ids, g.pos, g.row, g.batch)
 
     # --- outputs ---------------------------------------------------------------------
     def predict(self, h: Tensor, s: Slots, ctx: Inputs | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -216,12 +234,11 @@ class PoseAdapter(Adapter):
         if self.future:
             p = s.present if s.present is not None else torch.full_like(s.pos, -1)
             start = torch.where(p < POSE_BINS, bin_value(p.clamp(min=0)), 0.5)
-            move = raw[:, 0]
-            shape = self.present_shape(s, h.dtype) if self.motion is not None else None
-            if shape is not None:
-                direct = self.motion(F.gelu(shape)).float()[s.row, s.pos]
-                move = move + torch.where(p >= 0, direct, 0.0)
-            mu = torch.where(p >= 0, start, 0.5) + MOVE_SCALE * move
+            move = MOVE_SCALE * raw[:, 0]
+            path = self.motion_path(s, h.dtype)
+            if path is not None:
+                move = move + torch.where(p >= 0, path[s.row, s.pos], 0.0)
+            mu = torch.where(p >= 0, start, 0.5) + move
             vis = torch.where(p >= POSE_BINS, (p == POSE_BINS + 1).float() * 2 - 1, 0.0)
             return mu, b, flag + self.flag_gain * vis
         mu = torch.sigmoid(raw[:, 0])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from m2core.adapters import Slots, build_adapter
-from m2core.adapters.pose import bin_value
+from m2core.adapters.pose import MOVE_SCALE, bin_value
 from m2core.chain import Chain, generate
 from m2core.checkpoint import load_checkpoint, save_checkpoint
 from m2core.generate import GenerationConfig
@@ -622,6 +622,23 @@ def test_motion_dense_trains_the_motion_path_on_every_future_coordinate():
     torch.testing.assert_close(total2, standing + 10.0 * (more[:, xy].abs() / POSE_BINS).sum())
 
 
+def test_motion_extent_puts_the_path_in_units_of_the_skeletons_own_size():
+    """With motion_extent a path output of 1 moves a joint by the present skeleton's extent
+    (the larger side of its visible joints' box), without it by MOVE_SCALE of the frame."""
+    batch = _batch(AlphaSet({"tok_rgb": 1.0}, {"coords": 1.0}), n=3)
+    pose = batch["present_pose"]
+    s = Slots.block(torch.full_like(batch["future_pose"], -1), None, pose)
+    j = pose.view(3, 13, 3)
+    seen = (j[..., 2] == POSE_BINS + 1)[..., None]
+    xy = bin_value(j[..., :2])
+    box = torch.where(seen, xy, -1.0).amax(1) - torch.where(seen, xy, 2.0).amin(1)
+    extent = box.amax(-1).clamp(min=0.02)
+    for on, unit in ((True, extent[:, None]), (False, torch.full((3, 1), MOVE_SCALE))):
+        a = _model(query_shape=True, motion_head=True, motion_extent=on).adapters["coords_next"]
+        torch.nn.init.constant_(a.motion.bias, 0.1)
+        torch.testing.assert_close(a.motion_path(s, torch.float32), 0.1 * unit.expand(-1, 234))
+
+
 # --- 6. config ------------------------------------------------------------------------------
 
 
@@ -633,6 +650,8 @@ def test_config_rejects_bad_values():
         M2ConfigV2(**TINY, motion_head=True)
     with pytest.raises(ValueError, match="motion_head"):
         M2ConfigV2(**TINY, query_shape=True, motion_dense=True)
+    with pytest.raises(ValueError, match="motion_head"):
+        M2ConfigV2(**TINY, query_shape=True, motion_extent=True)
     with pytest.raises(ValueError, match="format"):
         M2ConfigV2(**TINY, format=1)
     with pytest.raises(ValueError, match="format"):
