@@ -353,7 +353,7 @@ def _validate(cfg: TrainConfig) -> None:
     )
     need(cfg.plan_devices is None or cfg.plan_devices >= 1, "plan_devices must be >= 1")
     need(cfg.stop_after_steps is None or cfg.stop_after_steps >= 1, "stop_after_steps >= 1")
-    for name in ("input_alphas", "target_alphas"):
+    for name in ("input_alphas", "target_alphas", "read_noise"):
         for k, v in getattr(cfg, name).items():
             ok = isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
             need(ok, f"{name}.{k} must be a number >= 0, got {v!r}")

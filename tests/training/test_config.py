@@ -150,6 +150,8 @@ def test_read_noise_is_given_by_joint_group_and_reaches_the_masking():
         load_config(path, ["read_noise.hands=0.1"])
     with pytest.raises(ValueError, match="needs read_noise"):
         load_config(path, ["read_noise_prob=0.5"])
+    with pytest.raises(ValueError, match=r"read_noise\.wrists must be a number >= 0"):
+        load_config(path, ["read_noise.wrists=true"])
 
 
 def test_motion_batch_needs_the_motion_path():
