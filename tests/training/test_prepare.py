@@ -266,3 +266,21 @@ def test_hop_makes_overlapping_samples_from_each_frame_once(synth, tokenizer, tm
     tok = ImageTokenizer.from_pretrained(tmp_path / "h" / "image_tokenizer")
     frame, _ = letterbox(load_image(clip.frame_path(2)))
     assert np.array_equal(tok.encode(frame[None]).reshape(256).numpy(), arrs["tok_rgb"][first[1]])
+
+
+def test_a_switching_clip_gives_each_sample_its_own_action(tokenizer, tmp_path):
+    from training.synth.synth import generate
+
+    data = tmp_path / "synth"
+    generate(data, clips=3, seed=2, workers=1, frames=(60, 60), progress=False, switch_share=1.0)
+    prepare(PrepareOptions(data, tokenizer, tmp_path / "p", workers=0, val_fraction=0.0))
+    meta = json.loads((tmp_path / "p" / "meta.json").read_text())
+    switched = 0
+    for split in ("train", "test"):
+        arrs = _arrays(tmp_path / "p", split)
+        for k in range(len(arrs["clip"])):
+            clip = read_clip(data, meta["clip_ids"][int(arrs["clip"][k])])
+            labels = clip.frame_action or [clip.action] * clip.nframes
+            assert meta["actions"][int(arrs["action"][k])] == labels[int(arrs["frame"][k])]
+            switched += labels[int(arrs["frame"][k])] != clip.action
+    assert switched > 0

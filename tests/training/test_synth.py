@@ -280,3 +280,58 @@ def test_sigterm_stops_the_workers_too(tmp_path: Path) -> None:
     assert not alive, f"workers {alive} outlived the command"
     assert len(list((tmp_path / "s" / "frames").glob("[0-9]*"))) < 400
     assert not (tmp_path / "s" / "synth.json").exists()
+
+
+def test_switching_clips_are_labelled_ahead_of_their_motion_and_otherwise_unchanged() -> None:
+    from training.synth.motion import pose_at
+    from training.synth.scene import BLEND, LEAD
+
+    switching = 0
+    for i in range(40):
+        spec = sample_spec(5, i, (70, 90), switch_share=1.0)
+        assert replace(spec, switches=()) == sample_spec(5, i, (70, 90))
+        if not spec.switches:
+            assert spec.motion.action in ("bowling", "jumping") or spec.motion.direction
+            continue
+        switching += 1
+        labels = [spec.action_at(t) for t in range(spec.nframes)]
+        captions = synth.clip_captions(spec)
+        assert all(action_from_caption(c) == a for c, a in zip(captions, labels, strict=True))
+        first = spec.switches[0]
+        before, after = spec.motion.action, first.motion.action
+        assert before != after
+        assert labels[first.start - LEAD - 1] == before and labels[first.start - LEAD] == after
+        assert np.allclose(
+            spec.points(first.start - 1), pose_at(spec.body, spec.motion, first.start - 1)
+        )
+        assert np.allclose(
+            spec.points(first.start + BLEND), pose_at(spec.body, first.motion, first.start + BLEND)
+        )
+        # no joint jumps: a blend moves at most 0.2 body heights a frame (half of all
+        # clips' own motion peaks above 0.1)
+        pts = np.stack([spec.points(float(t)) for t in range(spec.nframes)])[:, :13]
+        step = np.linalg.norm(np.diff(pts, axis=0), axis=-1).max(1)
+        for s in spec.switches:
+            assert step[s.start : s.start + BLEND].max() <= 0.2
+    assert switching >= 15
+
+
+def test_switch_share_is_written_and_checked_on_resume(tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    summary = generate(out, clips=3, seed=2, workers=1, frames=(40, 40), progress=False,
+                       switch_share=1.0)  # fmt: skip
+    assert summary["switch_share"] == 1.0 and summary["switching_clips"] >= 1
+    labels = _labels(out)
+    for cid, lab in labels.items():
+        spec = sample_spec(2, int(cid), (40, 40), switch_share=1.0)
+        if spec.switches:
+            assert [str(a).strip() for a in lab["frame_action"]] == [
+                spec.action_at(t) for t in range(40)
+            ]
+            assert lab["action"] == spec.motion.action
+        else:
+            assert "frame_action" not in lab
+    with pytest.raises(ValueError, match="switch share"):
+        generate(out, clips=4, seed=2, workers=1, frames=(40, 40), progress=False, resume=True)
+    with pytest.raises(ValueError, match="switch-share"):
+        generate(tmp_path / "t", clips=1, seed=2, workers=1, progress=False, switch_share=1.5)

@@ -49,6 +49,7 @@ class Clip:
     nframes: int
     captions: list[str] | None
     root: Path = field(repr=False)
+    frame_action: list[str] | None = None  # a label per frame (m2 synth's switching clips)
 
     def frame_path(self, i: int) -> Path:
         """Path of frame i (0-based)."""
@@ -169,9 +170,20 @@ def parse_label(mat: Mapping[str, Any], source: str = "label") -> dict[str, Any]
             "train": as_number(mat["train"], "train") > 0 if "train" in mat else True,
             "nframes": n, "x": x, "y": y, "visibility": vis,
             "bbox": _bbox(mat.get("bbox"), x, y, vis), "dims": dims,
+            "frame_action": _frame_action(mat["frame_action"], n) if "frame_action" in mat else None,
         }  # fmt: skip
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
+
+
+def _frame_action(v: Any, n: int) -> list[str]:
+    """A per-frame label field (a char matrix, one row per frame) -> n labels."""
+    v = _unwrap(v)
+    rows = [v] if isinstance(v, (str, bytes)) else np.asarray(v).reshape(-1).tolist()
+    out = [(r.decode() if isinstance(r, bytes) else str(r)).strip() for r in rows]
+    if len(out) != n or not all(out):
+        raise ValueError(f"field 'frame_action' should hold {n} labels, got {len(out)}")
+    return out
 
 
 def list_clips(root: str | Path) -> list[str]:
@@ -231,7 +243,8 @@ def read_clip(root: str | Path, clip_id: str, captions: dict[str, list[str]] | N
         )
     return Clip(clip_id=clip_id, action=lab["action"], pose=lab["pose"], train=lab["train"],
                 x=lab["x"], y=lab["y"], visibility=lab["visibility"], bbox=lab["bbox"],
-                dims=dims, nframes=n, captions=clip_caps, root=root)  # fmt: skip
+                dims=dims, nframes=n, captions=clip_caps, root=root,
+                frame_action=lab["frame_action"])  # fmt: skip
 
 
 def iter_clips(

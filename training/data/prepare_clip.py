@@ -100,7 +100,8 @@ def read_clip_samples(
     pose = PoseTokenizer()
     offs = future_offsets(stride)
     coords, future, prev, bbox, captions = [], [], [], [], []
-    for t in keys:
+    actions = [clip.frame_action[t] if clip.frame_action else str(clip.action) for t in keys]
+    for t, action in zip(keys, actions, strict=True):
         lb = boxes[t]  # frames of one clip share a size; use each key frame's own map
         now = _joints(clip, t, lb)
         coords.append(now)
@@ -110,12 +111,12 @@ def read_clip_samples(
         if clip.captions:
             captions.append(str(clip.captions[t]))
         else:
-            captions.append(template_caption(clip.action, getattr(clip, "pose", None)))
+            captions.append(template_caption(action, getattr(clip, "pose", None)))
     n = len(keys)
     empty = np.zeros((0, NUM_JOINTS, 3))
     return {
         "clip_id": clip_id,
-        "action": str(clip.action),
+        "action": np.asarray(actions, dtype=str),  # per sample: a clip may switch
         "train": bool(clip.train),
         "has_captions": bool(clip.captions),
         "frame": np.asarray(keys, dtype=np.int32),

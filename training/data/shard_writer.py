@@ -62,6 +62,11 @@ def ids_dtype(vocab: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab <= np.iinfo(np.uint16).max + 1 else np.dtype(np.int32)
 
 
+def _actions(r: dict) -> list[str]:
+    """A clip's per-sample labels (a clip prepared by an older version holds one string)."""
+    return np.broadcast_to(np.asarray(r["action"], dtype=str), (len(r["frame"]),)).tolist()
+
+
 def assign_splits(clips: dict[str, bool], val_fraction: float, seed: int) -> dict[str, str]:
     """clip id -> split. Test = the dataset's own test flag; val = a seeded share of train."""
     train = sorted(c for c, is_train in clips.items() if is_train)
@@ -112,7 +117,7 @@ def write_shards(
                 "no training samples: every clip is too short for the stride or held out"
             )
         text = TextTokenizer.build(train_caps, vocab=opts.caption_vocab, max_len=opts.caption_len)
-    actions = sorted({r["action"] for r in clips.values()})
+    actions = sorted({a for r in clips.values() for a in _actions(r)})
     order = list(clips)
     out = opts.out
     counts: dict[str, dict[str, int]] = {}
@@ -131,7 +136,7 @@ def write_shards(
             parts["bbox"].append(r["bbox"].astype(np.float32))
             parts["frame"].append(r["frame"].astype(np.int32))
             parts["clip"].append(np.full(n, order.index(c), np.int32))
-            parts["action"].append(np.full(n, actions.index(r["action"]), np.int16))
+            parts["action"].append(np.array([actions.index(a) for a in _actions(r)], np.int16))
         d = out / split
         d.mkdir(exist_ok=True)
         n_samples = 0

@@ -113,7 +113,8 @@ def bump(u: float) -> float:
     return 0.5 - 0.5 * math.cos(2.0 * math.pi * u)
 
 
-def _smooth(x: float) -> float:
+def smoothstep(x: float) -> float:
+    """0 -> 1 over x in [0, 1] with zero slope at both ends (clamped outside)."""
     x = min(max(x, 0.0), 1.0)
     return x * x * (3.0 - 2.0 * x)
 
@@ -124,7 +125,7 @@ def keyframes(u: float, keys: list[tuple[float, dict[str, float]]]) -> dict[str,
     keys = [*keys, (1.0, keys[0][1])]
     for (u0, a0), (u1, a1) in itertools.pairwise(keys):
         if u0 <= u <= u1:
-            s = _smooth((u - u0) / max(u1 - u0, 1e-9))
+            s = smoothstep((u - u0) / max(u1 - u0, 1e-9))
             return {k: a0.get(k, 0.0) * (1 - s) + a1.get(k, 0.0) * s for k in a0.keys() | a1.keys()}
     return dict(keys[0][1])
 

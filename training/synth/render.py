@@ -23,7 +23,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from training.synth.motion import HULL, NECK, PELVIS, pose_at
+from training.synth.motion import HULL, NECK, PELVIS
 from training.synth.scene import RGB, ClipSpec, Scene
 
 SS = 2  # supersampling factor
@@ -304,13 +304,12 @@ def render_frame(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Frame t: (image (H, W, 3) uint8, joints (13, 2) px, visible (13,) bool, bbox (4,) px)."""
     h, w = bg.shape[:2]
-    body, motion = spec.body, spec.motion
-    now = to_pixels(spec, pose_at(body, motion, t))
-    start = to_pixels(spec, pose_at(body, motion, t - spec.shutter))
+    now = to_pixels(spec, spec.points(t))
+    start = to_pixels(spec, spec.points(t - spec.shutter))
     disp = float(np.max(np.linalg.norm(now[:13, :2] - start[:13, :2], axis=1)))
     k = int(np.clip(1 + math.ceil(disp / 2.5), 1, MAX_SUBFRAMES))
     times = [t - spec.shutter * (1 - i / (k - 1)) for i in range(k)] if k > 1 else [t]
-    poses = [to_pixels(spec, pose_at(body, motion, ti)) for ti in times[:-1]] + [now]
+    poses = [to_pixels(spec, spec.points(ti)) for ti in times[:-1]] + [now]
     weights = np.array([0.3 + 0.7 * i / max(k - 1, 1) for i in range(k)], np.float32)
     weights /= weights.sum()
     outline = max(0.5, 0.006 * spec.scene.scale)

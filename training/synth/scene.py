@@ -3,6 +3,13 @@
 `sample_spec(seed, index, frames)` fixes everything about clip `index` (action and
 tempo, body, clothes, background, camera framing, shutter, split, caption wording) from
 `(seed, index)` alone, so a clip never depends on which worker renders it.
+
+With `switch_share` > 0 that share of clips changes action every 25-45 frames, blending
+into the next motion over BLEND frames. Such a clip's label (and caption) of frame i names
+the action of frame i + LEAD, what the person is about to do: so a label can tell a
+forecast something the pose cannot, which a one-action clip never does (docs/model.md,
+steering). The switches come from a generator of their own, so the rest of a clip is the
+same at any share.
 """
 
 from __future__ import annotations
@@ -12,7 +19,15 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from training.synth.motion import ACTIONS, Body, Motion, sample_body, stride_per_cycle
+from training.synth.motion import (
+    ACTIONS,
+    Body,
+    Motion,
+    pose_at,
+    sample_body,
+    smoothstep,
+    stride_per_cycle,
+)
 from training.synth.text import (
     FLOORS,
     HAIR,
@@ -22,6 +37,8 @@ from training.synth.text import (
     WALLS,
     CaptionStyle,
     sample_style,
+    sample_verb,
+    state_clause,
 )
 
 RGB = tuple[int, int, int]
@@ -60,6 +77,11 @@ VIEWS: dict[str, dict[str, float]] = {
 }
 YAW_DEG = {"front": (0, 15), "three_quarter": (45, 10), "side": (85, 8), "back": (180, 15)}
 BACKGROUNDS = ("flat", "gradient", "stripes", "tiles", "noise")
+BLEND = 12  # frames a switch between two actions takes (0.4 s at 30 fps)
+LEAD = 6  # frames a label names the coming action ahead of its motion (prepare's default stride)
+SEGMENT = (25, 45)  # frames one action lasts in a clip that switches
+# bowling holds a ball and jumping is framed for its height: neither switches in or out
+SWITCHING = tuple(a for a in ACTIONS if a not in ("bowling", "jumping"))
 
 
 @dataclass(frozen=True)
@@ -100,6 +122,15 @@ class Scene:
 
 
 @dataclass(frozen=True)
+class Switch:
+    """From frame `start` on (over BLEND frames) the person does `motion` instead."""
+
+    start: int
+    motion: Motion
+    style: CaptionStyle
+
+
+@dataclass(frozen=True)
 class ClipSpec:
     """Everything that determines one clip."""
 
@@ -113,10 +144,33 @@ class ClipSpec:
     shutter: float  # share of the frame interval the shutter stays open
     train: bool
     style: CaptionStyle
+    switches: tuple[Switch, ...] = ()
 
     @property
     def pose(self) -> str:
         return view_label(self.motion.yaw)
+
+    def segment(self, t: float) -> tuple[Motion, CaptionStyle]:
+        """The motion (and its caption wording) in charge at frame t; a blend counts as the
+        motion it blends into."""
+        out = (self.motion, self.style)
+        for s in self.switches:
+            if t >= s.start:
+                out = (s.motion, s.style)
+        return out
+
+    def action_at(self, i: int) -> str:
+        """Frame i's label: the action of frame i + LEAD."""
+        return self.segment(i + LEAD)[0].action
+
+    def points(self, t: float) -> np.ndarray:
+        """World points at (fractional) frame t, blended across a switch."""
+        pts = pose_at(self.body, self.motion, t)
+        for s in self.switches:
+            w = smoothstep((t - s.start) / BLEND)
+            if w > 0:
+                pts = (1 - w) * pts + w * pose_at(self.body, s.motion, t)
+        return pts
 
 
 def view_label(yaw: float) -> str:
@@ -233,9 +287,37 @@ def _sample_scene(rng: np.random.Generator, look: Look, motion: Motion, body: Bo
     return scene, motion
 
 
+def _sample_switches(seed: int, index: int, motion: Motion, style: CaptionStyle,
+                     nframes: int, share: float) -> tuple[Switch, ...]:  # fmt: skip
+    """With probability `share` (and an action that can switch), the clip's later actions."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(index), 1]))
+    if (
+        rng.random() >= share
+        or motion.action not in SWITCHING
+        or (motion.action == "walking" and motion.direction)
+    ):
+        return ()
+    out: list[Switch] = []
+    start, prev = int(rng.integers(SEGMENT[0], SEGMENT[1] + 1)), motion.action
+    while start < nframes - BLEND:
+        action = str(rng.choice([a for a in SWITCHING if a != prev]))
+        m = replace(_sample_motion(rng, action), yaw=motion.yaw)
+        if action == "walking":
+            m = replace(m, direction=0)  # in place: a walk across would jump back to the start
+        side = "left" if m.side > 0 else "right"
+        circle = "backward" if m.direction > 0 else "forward"
+        verb = sample_verb(rng, action, side=side, walk_dir="in place", circle=circle)
+        state = style.state and state_clause(action, 0.25) is not None
+        out.append(Switch(start, m, replace(style, verb=verb, state=state)))
+        start, prev = start + int(rng.integers(SEGMENT[0], SEGMENT[1] + 1)), action
+    return tuple(out)
+
+
 def sample_spec(seed: int, index: int, frames: tuple[int, int] = (60, 120),
-                action: str | None = None) -> ClipSpec:  # fmt: skip
+                action: str | None = None, switch_share: float = 0.0) -> ClipSpec:  # fmt: skip
     """Draw clip `index` of the data set made with `seed` (frames: inclusive length range)."""
+    if not 0.0 <= switch_share <= 1.0:
+        raise ValueError(f"switch share must be in [0, 1], got {switch_share}")
     lo, hi = frames
     if not 1 <= lo <= hi:
         raise ValueError(f"frames range must satisfy 1 <= min <= max, got {frames}")
@@ -270,5 +352,9 @@ def sample_spec(seed: int, index: int, frames: tuple[int, int] = (60, 120),
         walk_dir=walk_dir,
         circle="backward" if motion.direction > 0 else "forward",
     )
+    switches = (
+        _sample_switches(seed, index, motion, style, nframes, switch_share) if switch_share else ()
+    )
     return ClipSpec(seed=seed, index=index, nframes=nframes, body=body, motion=motion, look=look,
-                    scene=scene, shutter=shutter, train=train, style=style)  # fmt: skip
+                    scene=scene, shutter=shutter, train=train, style=style,
+                    switches=switches)  # fmt: skip

@@ -1,6 +1,7 @@
 """`m2 synth`: render synthetic clips of a person moving, in the Penn Action layout.
 
     m2 synth --out DIR --clips N --seed S [--workers W] [--frames MIN MAX] [--resume]
+             [--switch-share P]
 
 writes `DIR/frames/NNNN/NNNNNN.jpg`, `DIR/labels/NNNN.mat` (Penn Action fields: x, y,
 visibility, action, pose, bbox, dimensions, nframes, train), `DIR/captions.json` (one
@@ -15,7 +16,9 @@ spans [0, W] x [0, H]; pixel column k covers [k, k + 1)). Unlike Penn Action, in
 joints keep their true coordinates: joints hidden behind the body and joints outside
 the frame (negative or beyond W/H) are marked not visible but still located. `pose` is
 the way the person faces in the image (front / back / left / right). `bbox` (x1 y1 x2
-y2) bounds the drawn body, clipped to the frame.
+y2) bounds the drawn body, clipped to the frame. A clip that switches action
+(`--switch-share`, `training.synth.scene`) also has `frame_action`, one label per frame
+(the action the person is about to do); `action` is its first.
 
 The figure, its motion and the motion blur are documented in `training.synth.motion`
 and `training.synth.render`; the captions in `training.synth.text`. `ACTIONS` lists the
@@ -32,7 +35,7 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +45,7 @@ from tqdm import tqdm
 
 from training.synth.motion import ACTIONS
 from training.synth.render import background, render_frame
-from training.synth.scene import ClipSpec, sample_spec
+from training.synth.scene import LEAD, ClipSpec, sample_spec
 from training.synth.text import action_from_caption, action_keywords, caption
 
 __all__ = ["ACTIONS", "RenderedClip", "action_from_caption", "action_keywords", "generate",
@@ -84,9 +87,15 @@ def render_clip(spec: ClipSpec) -> RenderedClip:
 
 
 def clip_captions(spec: ClipSpec) -> list[str]:
-    """One caption per frame (they follow the motion's phase)."""
-    return [caption(spec.style, spec.motion.action, spec.motion.phase(float(i)))
-            for i in range(spec.nframes)]  # fmt: skip
+    """One caption per frame: they follow the motion's phase and name the frame's label
+    (ahead of a switch, the coming action, without a clause on a phase not yet begun)."""
+    out = []
+    for i in range(spec.nframes):
+        motion, style = spec.segment(i + LEAD)
+        if motion is not spec.segment(i)[0]:
+            style = replace(style, state=False)
+        out.append(caption(style, motion.action, motion.phase(float(i))))
+    return out
 
 
 def write_clip(root: Path, clip: RenderedClip) -> None:
@@ -107,6 +116,8 @@ def write_clip(root: Path, clip: RenderedClip) -> None:
         "dimensions": np.array([h, w, spec.nframes], np.float64),
         "nframes": float(spec.nframes), "train": 1.0 if spec.train else -1.0,
     }  # fmt: skip
+    if spec.switches:
+        label["frame_action"] = np.array([spec.action_at(i) for i in range(spec.nframes)])
     labels = root / "labels"
     labels.mkdir(parents=True, exist_ok=True)
     tmp_mat = labels / f".tmp-{cid}-{os.getpid()}.mat"
@@ -114,8 +125,8 @@ def write_clip(root: Path, clip: RenderedClip) -> None:
     os.replace(tmp_mat, labels / f"{cid}.mat")
 
 
-def _job(root: str, seed: int, index: int, frames: tuple[int, int]) -> dict:
-    clip = render_clip(sample_spec(seed, index, frames))
+def _job(root: str, seed: int, index: int, frames: tuple[int, int], share: float) -> dict:
+    clip = render_clip(sample_spec(seed, index, frames, switch_share=share))
     write_clip(Path(root), clip)
     return _summary(clip.spec, clip.captions)
 
@@ -123,13 +134,13 @@ def _job(root: str, seed: int, index: int, frames: tuple[int, int]) -> dict:
 def _summary(spec: ClipSpec, captions: list[str]) -> dict:
     """What synth.json and captions.json need of one clip."""
     return {"id": f"{spec.index:04d}", "captions": captions, "action": spec.motion.action,
-            "train": spec.train, "nframes": spec.nframes}  # fmt: skip
+            "train": spec.train, "nframes": spec.nframes, "switches": len(spec.switches)}  # fmt: skip
 
 
-def _known(root: str, seed: int, index: int, frames: tuple[int, int]) -> dict | None:
+def _known(root: str, seed: int, index: int, frames: tuple[int, int], share: float) -> dict | None:
     """The `_job` result of a clip already on disk (its spec is redrawn, not re-rendered),
     or None when its label file or frames are missing or incomplete."""
-    spec = sample_spec(seed, index, frames)
+    spec = sample_spec(seed, index, frames, switch_share=share)
     cid = f"{index:04d}"
     folder = Path(root) / "frames" / cid
     if (
@@ -148,15 +159,17 @@ def _write_json(path: Path, obj: object) -> None:
 
 def generate(out: str | Path, clips: int, seed: int = 0, workers: int | None = None,
              frames: tuple[int, int] = (60, 120), overwrite: bool = False,
-             progress: bool = True, resume: bool = False) -> dict:  # fmt: skip
+             progress: bool = True, resume: bool = False, switch_share: float = 0.0) -> dict:  # fmt: skip
     """Render clips 1..`clips` into `out`; returns what synth.json records. With `resume`,
-    clips of an earlier run with the same seed and frame range are kept."""
+    clips of an earlier run with the same seed, frame range and switch share are kept."""
     if overwrite and resume:
         raise ValueError("--overwrite and --resume contradict each other; pass one")
     if not 1 <= clips <= MAX_CLIPS:
         raise ValueError(f"--clips must be between 1 and {MAX_CLIPS}, got {clips}")
     if not 1 <= frames[0] <= frames[1]:
         raise ValueError(f"--frames must satisfy 1 <= MIN <= MAX, got {frames[0]} {frames[1]}")
+    if not 0.0 <= switch_share <= 1.0:
+        raise ValueError(f"--switch-share must be in [0, 1], got {switch_share}")
     root = Path(out)
     if root.exists() and not root.is_dir():
         raise ValueError(f"--out {root} exists and is not a directory")
@@ -170,10 +183,12 @@ def generate(out: str | Path, clips: int, seed: int = 0, workers: int | None = N
         )
     if resume and (root / "synth.json").is_file():
         old = json.loads((root / "synth.json").read_text())
-        if old.get("seed") != seed or list(old.get("frames_range", [])) != list(frames):
+        was = (old.get("seed"), list(old.get("frames_range", [])), old.get("switch_share", 0.0))
+        if was != (seed, list(frames), switch_share):
             raise ValueError(
-                f"--resume: {root} was made with seed {old.get('seed')} and frames "
-                f"{old.get('frames_range')}, not seed {seed} and frames {list(frames)}"
+                f"--resume: {root} was made with seed {was[0]}, frames {was[1]} and switch "
+                f"share {was[2]}, not seed {seed}, frames {list(frames)} and switch share "
+                f"{switch_share}"
             )
     for name in existing if overwrite else ():
         target = root / name
@@ -184,18 +199,18 @@ def generate(out: str | Path, clips: int, seed: int = 0, workers: int | None = N
     results: list[dict] = []
     todo = list(range(1, clips + 1))
     if resume:
-        known = [_known(str(root), seed, i, frames) for i in todo]
+        known = [_known(str(root), seed, i, frames, switch_share) for i in todo]
         results = [r for r in known if r is not None]
         todo = [i for i, r in zip(todo, known, strict=True) if r is None]
     bar = tqdm(total=clips, initial=clips - len(todo), desc="synth", unit="clip",
                disable=not progress)  # fmt: skip
     if workers == 1:
         for i in todo:
-            results.append(_job(str(root), seed, i, frames))
+            results.append(_job(str(root), seed, i, frames, switch_share))
             bar.update()
     else:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(_job, str(root), seed, i, frames) for i in todo]
+            futures = [pool.submit(_job, str(root), seed, i, frames, switch_share) for i in todo]
             try:
                 for fut in as_completed(futures):
                     results.append(fut.result())
@@ -213,6 +228,8 @@ def generate(out: str | Path, clips: int, seed: int = 0, workers: int | None = N
         "train_clips": sum(r["train"] for r in results),
         "test_clips": sum(not r["train"] for r in results),
         "actions": dict(sorted(Counter(r["action"] for r in results).items())),
+        "switch_share": switch_share,
+        "switching_clips": sum(r.get("switches", 0) > 0 for r in results),
     }  # fmt: skip
     _write_json(root / "synth.json", summary)
     return summary
@@ -230,6 +247,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="keep the clips already in --out (same seed and frames) and render the "
                    "rest: finishes an interrupted run or grows a data set")  # fmt: skip
+    p.add_argument("--switch-share", type=float, default=0.0, metavar="P",
+                   help="share of clips that change action every 25-45 frames, labelled "
+                   "ahead of the motion (default 0)")  # fmt: skip
     return p
 
 
@@ -245,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         summary = generate(args.out, args.clips, args.seed, args.workers, tuple(args.frames),
-                           overwrite=args.overwrite, resume=args.resume)  # fmt: skip
+                           overwrite=args.overwrite, resume=args.resume,
+                           switch_share=args.switch_share)  # fmt: skip
     except (ValueError, OSError) as e:
         print(f"m2 synth: error: {e}", file=sys.stderr)
         return 2

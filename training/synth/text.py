@@ -129,7 +129,7 @@ def sample_style(rng: np.random.Generator, *, gender: str, shirt: str, trousers:
     a_shirt = f"{'an' if shirt[0] in 'aeiou' else 'a'} {shirt}"
     clothes = pick((f"in {a_shirt} {top} and {trousers} {bottom}", f"wearing {a_shirt} {top}",
                     f"in {a_shirt} {top}", f"dressed in {shirt} and {trousers}"))  # fmt: skip
-    verb = pick(VERBS[action]).format(side=side, dir=walk_dir, circle=circle)
+    verb = sample_verb(rng, action, side=side, walk_dir=walk_dir, circle=circle)
     backs = list(BACKDROPS) + (list(FLOOR_BACKDROPS) if floor else [])
     backdrop = pick(backs).format(wall=wall, floor=floor)
     subject, order = pick(SUBJECTS[gender]), int(rng.random() < 0.25)
@@ -137,6 +137,13 @@ def sample_style(rng: np.random.Generator, *, gender: str, shirt: str, trousers:
     # at most one trailing clause, so captions stay within ~30 GPT-2 tokens
     view = pick(VIEWS[pose]) if not state and rng.random() < 0.5 else None
     return CaptionStyle(subject, clothes, verb, backdrop, view, order, state)
+
+
+def sample_verb(rng: np.random.Generator, action: str, *, side: str, walk_dir: str,
+                circle: str) -> str:  # fmt: skip
+    """One of the action's verb phrases, with its side / walking direction / circle filled in."""
+    verbs = VERBS[action]
+    return verbs[int(rng.integers(len(verbs)))].format(side=side, dir=walk_dir, circle=circle)
 
 
 def state_clause(action: str, u: float) -> str | None:
