@@ -22,6 +22,10 @@ from m2core.modalities import DEFAULT_CAPTION_LEN, Registry, build_registry
 
 FORMAT = 2
 PRESENT_OF = {"coords_next": "coords", "tok_rgb_next": "tok_rgb"}  # a future's starting point
+# the config fields the adapters read (each kind takes the ones it knows)
+ADAPTER_OPTIONS = ("image_levels", "query_shape", "future_l2", "stem_layers", "caption_action",
+                   "action_classes", "shape_fourier", "motion_head", "motion_dense",
+                   "motion_extent", "read_ce")  # fmt: skip
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"dim": 192, "enc_layers": 4, "dec_layers": 4, "heads": 6},  # the CPU demo
     "small": {"dim": 512, "enc_layers": 8, "dec_layers": 8, "heads": 8},
@@ -56,6 +60,7 @@ class M2ConfigV2:
     motion_head: bool = False  # future displacements also straight from the query's shape features
     motion_dense: bool = False  # that path also trains on every sample's whole future
     motion_extent: bool = False  # that path's output is in units of the skeleton's own extent
+    read_ce: float = 0.0  # weight of the frame read-out's cross-entropy over cell columns / rows
     copy_margin: float = 0.0  # nats a next-frame token must beat the present by (set at export)
 
     def __post_init__(self) -> None:
@@ -77,6 +82,8 @@ class M2ConfigV2:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if not self.copy_margin >= 0:
             raise ValueError(f"model.copy_margin must be >= 0 nats, got {self.copy_margin}")
+        if not self.read_ce >= 0:
+            raise ValueError(f"model.read_ce must be >= 0, got {self.read_ce}")
         if self.shape_fourier < 0:
             raise ValueError(f"model.shape_fourier must be >= 0, got {self.shape_fourier}")
         if self.motion_head and not self.query_shape:
@@ -130,13 +137,13 @@ class M2ModelV2(nn.Module):
         self.names: tuple[str, ...] = tuple(reg)
         self.target_names: tuple[str, ...] = reg.targets
         D = config.dim
-        self.adapters = nn.ModuleDict({
-            n: build_adapter(m, D, config.image_levels, reg[PRESENT_OF[n]] if n in PRESENT_OF else None,
-                             config.query_shape, config.future_l2, config.stem_layers,
-                             config.caption_action, config.action_classes, config.shape_fourier,
-                             config.motion_head, config.motion_dense, config.motion_extent)
-            for n, m in reg.items()
-        })  # fmt: skip
+        options = {k: getattr(config, k) for k in ADAPTER_OPTIONS}
+        self.adapters = nn.ModuleDict(
+            {
+                n: build_adapter(m, D, reg[PRESENT_OF[n]] if n in PRESENT_OF else None, **options)
+                for n, m in reg.items()
+            }
+        )
         for a in self.adapters.values():
             a.image_index = self.names.index("tok_rgb")
         self.mod_emb = nn.Embedding(len(reg), D)

@@ -23,36 +23,11 @@ KINDS = {"image": ImageAdapter, "pose": PoseAdapter, "text": TextAdapter, "label
 
 
 def build_adapter(
-    mod: Modality,
-    dim: int,
-    image_levels: tuple[int, ...],
-    present: Modality | None,
-    query_shape: bool = False,
-    future_l2: bool = False,
-    stem_layers: int = 2,
-    caption_action: bool = False,
-    action_classes: int = 0,
-    shape_fourier: int = 0,
-    motion_head: bool = False,
-    motion_dense: bool = False,
-    motion_extent: bool = False,
+    mod: Modality, dim: int, present: Modality | None = None, **options: object
 ) -> Adapter:
-    """The adapter of one registry entry; `present` is the modality a future one starts from."""
-    return KINDS[mod.kind](
-        mod,
-        dim,
-        image_levels=image_levels,
-        present=present,
-        query_shape=query_shape,
-        future_l2=future_l2,
-        stem_layers=stem_layers,
-        caption_action=caption_action,
-        action_classes=action_classes,
-        shape_fourier=shape_fourier,
-        motion_head=motion_head,
-        motion_dense=motion_dense,
-        motion_extent=motion_extent,
-    )
+    """The adapter of one registry entry; `present` is the modality a future one starts from;
+    `options`, the model config's adapter fields (each kind takes the ones it knows)."""
+    return KINDS[mod.kind](mod, dim, present=present, **options)
 
 
 __all__ = ["KINDS", "Adapter", "Inputs", "Slots", "build_adapter"]

@@ -7,7 +7,11 @@ as positions and visibility flags read out directly.
   their extent): action and phase are a function of shape, not of where the person stands.
 - The skeleton now is read out where the frame is among the inputs: each x / y query
   attends over the image tokens of the context and takes the expected cell centre, plus a
-  small regressed offset. Without a frame it is regressed from the query's state.
+  small regressed offset. Without a frame it is regressed from the query's state. With
+  `read_ce` the attention, summed per cell column (x) or row (y), also trains by
+  cross-entropy against the true value split between its two nearest cell centres: the
+  expected centre's L1 gradient is weak while the attention is spread (integral
+  regression's known slow start; a 1D heatmap target as SimCC's).
 - A future coordinate is the present one plus a displacement: with `motion_head`, a linear
   map of the forecast queries' shape features (a path of its own, docs/model.md run 15;
   with `motion_extent` in units of the skeleton's own extent, run 16) plus the trunk's
@@ -121,6 +125,7 @@ class PoseAdapter(Adapter):
         motion_head: bool = False,
         motion_dense: bool = False,
         motion_extent: bool = False,
+        read_ce: float = 0.0,
         **_: object,
     ):
         super().__init__(mod, dim)
@@ -145,6 +150,7 @@ class PoseAdapter(Adapter):
             nn.init.zeros_(self.motion.bias)
         self.dense = self.motion is not None and motion_dense
         self.extent = motion_extent
+        self.read_ce = 0.0 if self.future else read_ce
         self.coord_out = nn.Linear(dim, 3)  # value (future: displacement), log scale, cell offset
         self.flag_out = nn.Linear(dim, 1)
         for table in (self.flag_in, self.frame_emb, self.joint_emb, self.comp_emb):
@@ -250,6 +256,12 @@ class PoseAdapter(Adapter):
     def spatial(self, h: Tensor, s: Slots, ctx: Inputs) -> tuple[Tensor, Tensor]:
         """Soft-argmax of each query over its sample's image cells -> (expected x or y by
         the slot's component, whether the sample has any image cell)."""
+        w, line, mask = self.attend(h, s, ctx)
+        return (w * (line + 0.5) / IMAGE_GRID).sum(-1), mask.any(-1)
+
+    def attend(self, h: Tensor, s: Slots, ctx: Inputs) -> tuple[Tensor, Tensor, Tensor]:
+        """-> (each query's attention over the context (n, N), 0 off its sample's image
+        cells; each cell's column (x query) or row (y query) (n, N); which are image cells)."""
         is_img = ctx.valid & (ctx.mod == self.image_index)
         B, N, _ = ctx.context.shape
         keys = self.cell_key(ctx.context)  # (B, N, 64)
@@ -258,11 +270,28 @@ class PoseAdapter(Adapter):
         scores = scores[torch.arange(len(h), device=h.device), s.row] / 8.0  # (n, N)
         mask = is_img[s.row]
         w = scores.float().masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
-        cell = ctx.pos.float()
-        cx, cy = (cell % IMAGE_GRID + 0.5) / IMAGE_GRID, (cell // IMAGE_GRID + 0.5) / IMAGE_GRID
-        comp = s.pos % 3
-        centre = torch.where((comp == 0)[:, None], cx[s.row], cy[s.row])
-        return (w * centre).sum(-1), mask.any(-1)
+        cell = ctx.pos[s.row]
+        line = torch.where((s.pos % 3 == 0)[:, None], cell % IMAGE_GRID, cell // IMAGE_GRID)
+        return w, line, mask
+
+    def line_ce(self, h: Tensor, s: Slots, ctx: Inputs, y: Tensor) -> Tensor:
+        """(n,) cross-entropy of the attention summed per cell column / row against value y
+        (frame units) split between its two nearest cell centres; 0 without image cells."""
+        w, line, mask = self.attend(h, s, ctx)
+        p = torch.zeros(len(h), IMAGE_GRID, device=h.device).scatter_add_(
+            1, line.clamp(0, IMAGE_GRID - 1), w
+        )
+        at = (y * IMAGE_GRID - 0.5).clamp(0, IMAGE_GRID - 1)
+        lo = at.floor().long()
+        hi = (lo + 1).clamp(max=IMAGE_GRID - 1)
+        frac = (at - lo)[:, None]
+        target = (
+            torch.zeros_like(p)
+            .scatter_add_(1, lo[:, None], 1 - frac)
+            .scatter_add_(1, hi[:, None], frac)
+        )
+        ce = -(target * p.clamp(min=1e-6).log()).sum(-1)
+        return torch.where(mask.any(-1), ce, 0.0)
 
     image_index: int = 0  # set by the model: the registry index of the present frame
 
@@ -278,6 +307,8 @@ class PoseAdapter(Adapter):
         # soon as the direction is known a little; L1's median stays at zero until then
         fit = L2_WEIGHT * err.square() if self.l2 else L1_WEIGHT * err
         nll = fit + err.detach() / b + b.log()
+        if self.read_ce and ctx is not None:
+            nll = nll + self.read_ce * self.line_ce(h, s, ctx, y)
         bce = F.binary_cross_entropy_with_logits(
             flag, (labels == POSE_BINS + 1).float(), reduction="none"
         )

@@ -1,6 +1,8 @@
 """The format-2 model (m2core/model_v2.py): each adapter learns, every parameter trains,
 chained generation, checkpoints, the pose read-out and the config's refusals."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -144,6 +146,32 @@ def test_pose_adapter_overfits_a_batch():
         assert (ids[~xy] == labels[~xy]).float().mean() > 0.7, name  # visibility flags
 
 
+def test_read_ce_trains_the_attention_onto_the_true_cell_line():
+    """With read_ce the frame read-out's attention, summed per column / row, is pulled onto
+    the true value's two nearest cell lines; spread evenly it scores log(16) or more."""
+    batch, model = _batch(AlphaSet({"tok_rgb": 1.0}, {"coords": 1.0}), n=2), _model(read_ce=1.0)
+    pose = model.adapters["coords"]
+
+    def line_ce():
+        with torch.no_grad():
+            ctx, h = _hidden(model, batch)
+            q, mod, pos, valid = (
+                batch[k] for k in ("dec_query", "dec_mod", "dec_pos", "dec_valid")
+            )
+            sel, s = model.slots("coords", q, mod, pos, valid)
+            labels = batch["dec_labels"].flatten()[sel]
+            xy = (labels >= 0) & (labels < POSE_BINS)
+            return pose.line_ce(h[sel], s, ctx, bin_value(labels))[xy].mean().item()
+
+    torch.nn.init.zeros_(pose.query_key.weight)  # every cell alike
+    assert line_ce() >= math.log(16) - 1e-4  # log(16) when the visible cells fill each line alike
+    _fit(model, batch, 150)
+    assert line_ce() < 1.0
+    ids, labels, s = _readout(model, batch, "coords")
+    xy = s.pos % 3 != 2
+    assert (bin_value(ids[xy]) - bin_value(labels[xy])).abs().median() < 0.01
+
+
 def test_text_adapter_overfits_a_batch():
     batch, model = _batch(AlphaSet({"tok_rgb": 1.0}, {"captions": 1.0})), _model()
     before = _mean_losses(model, batch)
@@ -210,6 +238,7 @@ def test_label_adapter_overfits_a_batch():
             "shape_fourier": 16,
             "motion_head": True,
             "motion_dense": True,
+            "read_ce": 0.5,
         },
     ],
 )
@@ -662,7 +691,7 @@ def test_config_rejects_bad_values():
     # an image adapter whose levels' product disagrees with its modality's vocabulary
     reg = M2ConfigV2(**TINY).registry()
     with pytest.raises(ValueError, match="do not multiply"):
-        build_adapter(reg["tok_rgb"], 32, (4, 4), None)
+        build_adapter(reg["tok_rgb"], 32, image_levels=(4, 4))
     with pytest.raises(ValueError, match="unknown model config keys"):
         M2ConfigV2.from_dict({**TINY, "image_vocab": 64})
     with pytest.raises(ValueError, match="heads"):
