@@ -229,8 +229,11 @@ class PoseAdapter(Adapter):
         return skeleton_shape(g.ids, g.pos, g.row, g.batch)
 
     # --- outputs ---------------------------------------------------------------------
-    def predict(self, h: Tensor, s: Slots, ctx: Inputs | None) -> tuple[Tensor, Tensor, Tensor]:
-        """-> (mu (n,) frame units, Laplace scale b (n,), flag logit (n,)) of every slot."""
+    def predict(
+        self, h: Tensor, s: Slots, ctx: Inputs | None, att: tuple | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """-> (mu (n,) frame units, Laplace scale b (n,), flag logit (n,)) of every slot;
+        `att`, `attend`'s result when the caller has it."""
         raw = self.coord_out(h).float()
         # the scale reads the state without moving it: its NLL gradient (~1/b) would swamp the
         # trunk's other signals; the position's own L1 gradient is bounded (docs/model.md)
@@ -249,14 +252,16 @@ class PoseAdapter(Adapter):
             return mu, b, flag + self.flag_gain * vis
         mu = torch.sigmoid(raw[:, 0])
         if ctx is not None:
-            spatial, has = self.spatial(h, s, ctx)
+            spatial, has = self.spatial(h, s, ctx, att)
             mu = torch.where(has, spatial + raw[:, 2] / IMAGE_GRID, mu)
         return mu, b, flag
 
-    def spatial(self, h: Tensor, s: Slots, ctx: Inputs) -> tuple[Tensor, Tensor]:
+    def spatial(
+        self, h: Tensor, s: Slots, ctx: Inputs, att: tuple | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Soft-argmax of each query over its sample's image cells -> (expected x or y by
         the slot's component, whether the sample has any image cell)."""
-        w, line, mask = self.attend(h, s, ctx)
+        w, line, mask = att if att is not None else self.attend(h, s, ctx)
         return (w * (line + 0.5) / IMAGE_GRID).sum(-1), mask.any(-1)
 
     def attend(self, h: Tensor, s: Slots, ctx: Inputs) -> tuple[Tensor, Tensor, Tensor]:
@@ -274,11 +279,13 @@ class PoseAdapter(Adapter):
         line = torch.where((s.pos % 3 == 0)[:, None], cell % IMAGE_GRID, cell // IMAGE_GRID)
         return w, line, mask
 
-    def line_ce(self, h: Tensor, s: Slots, ctx: Inputs, y: Tensor) -> Tensor:
-        """(n,) cross-entropy of the attention summed per cell column / row against value y
-        (frame units) split between its two nearest cell centres; 0 without image cells."""
-        w, line, mask = self.attend(h, s, ctx)
-        p = torch.zeros(len(h), IMAGE_GRID, device=h.device).scatter_add_(
+    @staticmethod
+    def line_ce(att: tuple[Tensor, Tensor, Tensor], y: Tensor) -> Tensor:
+        """(n,) cross-entropy of `attend`'s attention summed per cell column / row against
+        value y (frame units) split between its two nearest cell centres; 0 without image
+        cells."""
+        w, line, mask = att
+        p = torch.zeros(len(w), IMAGE_GRID, device=w.device).scatter_add_(
             1, line.clamp(0, IMAGE_GRID - 1), w
         )
         at = (y * IMAGE_GRID - 0.5).clamp(0, IMAGE_GRID - 1)
@@ -299,7 +306,8 @@ class PoseAdapter(Adapter):
         self, h: Tensor, s: Slots, labels: Tensor, ctx: Inputs | None = None
     ) -> tuple[Tensor, Tensor]:
         keep = labels >= 0
-        mu, b, flag = self.predict(h, s, ctx)
+        att = self.attend(h, s, ctx) if self.read_ce and ctx is not None else None
+        mu, b, flag = self.predict(h, s, ctx, att)
         is_flag = labels >= POSE_BINS
         y = bin_value(labels.clamp(0, POSE_BINS - 1))
         err = (y - mu).abs()
@@ -307,8 +315,8 @@ class PoseAdapter(Adapter):
         # soon as the direction is known a little; L1's median stays at zero until then
         fit = L2_WEIGHT * err.square() if self.l2 else L1_WEIGHT * err
         nll = fit + err.detach() / b + b.log()
-        if self.read_ce and ctx is not None:
-            nll = nll + self.read_ce * self.line_ce(h, s, ctx, y)
+        if att is not None:
+            nll = nll + self.read_ce * self.line_ce(att, y)
         bce = F.binary_cross_entropy_with_logits(
             flag, (labels == POSE_BINS + 1).float(), reduction="none"
         )

@@ -161,7 +161,7 @@ def test_read_ce_trains_the_attention_onto_the_true_cell_line():
             sel, s = model.slots("coords", q, mod, pos, valid)
             labels = batch["dec_labels"].flatten()[sel]
             xy = (labels >= 0) & (labels < POSE_BINS)
-            return pose.line_ce(h[sel], s, ctx, bin_value(labels))[xy].mean().item()
+            return pose.line_ce(pose.attend(h[sel], s, ctx), bin_value(labels))[xy].mean().item()
 
     torch.nn.init.zeros_(pose.query_key.weight)  # every cell alike
     assert line_ce() >= math.log(16) - 1e-4  # log(16) when the visible cells fill each line alike

@@ -164,13 +164,19 @@ class ClipSpec:
         return self.segment(i + LEAD)[0].action
 
     def points(self, t: float) -> np.ndarray:
-        """World points at (fractional) frame t, blended across a switch."""
-        pts = pose_at(self.body, self.motion, t)
+        """World points at (fractional) frame t, blended across a switch (segments outlast
+        BLEND, so at most one blend runs at a time)."""
+        motion, blend = self.motion, None
         for s in self.switches:
-            w = smoothstep((t - s.start) / BLEND)
-            if w > 0:
-                pts = (1 - w) * pts + w * pose_at(self.body, s.motion, t)
-        return pts
+            if t >= s.start + BLEND:
+                motion = s.motion
+            elif t > s.start:
+                blend = s
+        pts = pose_at(self.body, motion, t)
+        if blend is None:
+            return pts
+        w = smoothstep((t - blend.start) / BLEND)
+        return (1 - w) * pts + w * pose_at(self.body, blend.motion, t)
 
 
 def view_label(yaw: float) -> str:
