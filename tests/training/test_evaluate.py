@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from m2core.tokenizers.text import TextTokenizer
 from training.data.shards import load_meta
 from training.eval import metrics as M
 from training.eval.evaluate import evaluate, main
+from training.eval.steering import label_leads
 
 
 def test_pck_ade_fde_by_hand():
@@ -231,9 +233,36 @@ def test_format_2_report_names_the_action_steers_and_draws_two_actions(trained, 
     assert steer["true_action"] >= 0 and steer["wrong_action"] >= 0
     assert set(report["coords"]["confidence"]) == {"auroc", "table"}  # NaN: no joint hit yet
     assert json.loads((out / "report.json").read_text())["steering"] == steer
+    assert "at_switches" not in steer  # one label per clip: no frame where the label leads
     clips = len(set(np.load(data / "val" / "clip.npy").tolist()))
     gif = Image.open(out / "steering.gif")
     assert gif.n_frames == 7 and gif.size == (256 * 2 * min(2, clips), 256)
+
+    # the same clips relabelled from frame 6 on: frame 6 (and 9, where a clip has it) now
+    # carries a label its pose (the label 6 frames earlier) does not show yet
+    switched = tmp_path / "switched"
+    shutil.copytree(data, switched)
+    frame = np.load(switched / "val" / "frame.npy")
+    action = np.load(switched / "val" / "action.npy")
+    C = len(names)
+    np.save(switched / "val" / "action.npy", np.where(frame >= 6, (action + 1) % C, action))
+    sw = evaluate(res.final_dir, switched, tmp_path / "e2", samples=4, batch_size=4, gifs=0,
+                  maskgit_steps=1)["steering"]["at_switches"]  # fmt: skip
+    clip = np.load(switched / "val" / "clip.npy")
+    rows, shown = label_leads(clip, frame, np.load(switched / "val" / "action.npy"), 6)
+    assert sw["samples"] == len(rows) == ((frame == 6) | (frame == 9)).sum() >= 1
+    assert (shown == action[rows]).all()
+    for key in ("no_action", "true_action", "shown_action", "zero_velocity"):
+        assert np.isfinite(sw[key]) and sw[key] >= 0
+
+
+def test_label_leads_finds_the_frames_whose_label_the_pose_does_not_show_yet():
+    clip = np.array([0] * 6 + [1] * 4)
+    frame = np.array([0, 3, 6, 9, 12, 15, 0, 3, 6, 9])
+    action = np.array([2, 2, 2, 5, 5, 5, 1, 1, 1, 1])  # clip 0 changes at frame 9
+    rows, shown = label_leads(clip, frame, action, lag=6)
+    assert rows.tolist() == [3, 4] and shown.tolist() == [2, 2]  # frame 15's label was 5 at 9
+    assert len(label_leads(clip[6:], frame[6:], action[6:], 6)[0]) == 0
 
 
 def test_cli_errors(trained, tmp_path, capsys):

@@ -40,6 +40,7 @@ from m2core.tokenizers.image import atomic_write
 from training.data.shards import MaskedDataset, Shards, load_meta
 from training.eval import metrics as M
 from training.eval.report import markdown
+from training.eval.steering import steering_at_switches
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -241,6 +242,9 @@ def evaluate(
         steered = {k: pose.decode_future(np.concatenate(v), strict=False) for k, v in steer.items()}
         report["steering"] = {"no_action": report["coords_next"]["ade"], **{
             f"{k}_action": M.forecast_metrics(v, gt_next, scale)["ade"] for k, v in steered.items()}}  # fmt: skip
+        sw = steering_at_switches(model, shards, meta, pose, gen_cfg, samples, batch_size, seed)
+        if sw:  # clips that change action: where a label can say what the pose does not
+            report["steering"]["at_switches"] = sw
         report["coords"]["confidence"] = _reliability(
             np.concatenate(conf_now), err_now < 0.05, gt_now[..., 2] > 0.5
         )
@@ -384,17 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
-        r = evaluate(
-            a.checkpoint,
-            a.data,
-            a.out,
-            a.split,
-            a.samples,
-            a.batch_size,
-            a.gifs,
-            a.maskgit_steps,
-            a.seed,
-        )
+        r = evaluate(a.checkpoint, a.data, a.out, a.split, a.samples, a.batch_size, a.gifs,
+                     a.maskgit_steps, a.seed)  # fmt: skip
     except (ValueError, FileNotFoundError) as e:
         print(f"m2 eval: error: {e}", file=sys.stderr)
         return 2

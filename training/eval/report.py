@@ -73,6 +73,12 @@ def markdown(r: dict[str, Any]) -> str:
                   "Steering: forecast ADE given the frame and the true skeleton, with no action, the true "
                   "action and a wrong one as input.", "", "| no action | true action | wrong action |", "|---|---|---|",
                   f"| {_f(st['no_action'])} | {_f(st['true_action'])} | {_f(st['wrong_action'])} |", ""]  # fmt: skip
+        sw = st.get("at_switches")
+        if sw:
+            lines += [f"At the {sw['samples']} samples ({sw['clips']} clips) whose label leads the motion (it differs "
+                      "from the clip's label a horizon earlier, which the pose still shows):", "",
+                      "| no action | coming (true) action | shown (earlier) action | zero velocity |", "|---|---|---|---|",
+                      f"| {_f(sw['no_action'])} | {_f(sw['true_action'])} | {_f(sw['shown_action'])} | {_f(sw['zero_velocity'])} |", ""]  # fmt: skip
     ff = r.get("coords_next_from_frame")
     if ff:  # reports written before this section existed lack it
         lines += ["## Future skeletons from the frame alone (what `/predict` does)", ""]
