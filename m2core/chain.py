@@ -50,6 +50,9 @@ class Chain:
         self.known: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (ids (B, n), valid (B, n))
         self.times: dict[str, float] = defaultdict(float)
         self.confidence: dict[str, Tensor] = {}
+        self.given_action: Tensor | None = (
+            None  # (B,) the caller's action, -1 = none (not a read one)
+        )
         # name -> (the known entry it was made from, its input embedding): each block is
         # embedded on its own, so an unchanged one (the frame, until a roll-out) is embedded once
         self.embedded: dict[str, tuple[tuple[Tensor, Tensor], Tensor]] = {}
@@ -115,7 +118,7 @@ class Chain:
         ids = torch.full((B, n), -1, dtype=torch.long, device=ctx.mod.device)
         conf_all = torch.zeros(B, n, device=ids.device)
         for t in range(1, steps + 1):
-            s = Slots.block(ids, prior, pose)
+            s = Slots.block(ids, prior, pose, self.given_action)
             h = model.decode(model.embed_queries(name, s), kv, cross_mask).flatten(0, 1)
             temp = self.cfg.temperature if steps > 1 else 0.0
             got, conf = model.adapters[name].readout(h, s, ctx, temp, self.gens)
@@ -194,6 +197,7 @@ def generate(
     if len(seeds) != B:
         raise ValueError(f"got {len(seeds)} seeds for a batch of {B}")
     chain = Chain(model, cfg, [torch.Generator().manual_seed(int(s)) for s in seeds])
+    chain.given_action = action
     ones = lambda x: torch.ones_like(x, dtype=torch.bool)  # noqa: E731
     L = caps.shape[1]
     cap_valid = lambda c, has: (c > PAD_ID) & has[:, None] & (torch.arange(L, device=device) > 0)  # noqa: E731

@@ -25,7 +25,7 @@ PRESENT_OF = {"coords_next": "coords", "tok_rgb_next": "tok_rgb"}  # a future's 
 # the config fields the adapters read (each kind takes the ones it knows)
 ADAPTER_OPTIONS = ("image_levels", "query_shape", "future_l2", "stem_layers", "caption_action",
                    "action_classes", "shape_fourier", "motion_head", "motion_dense",
-                   "motion_extent", "read_ce")  # fmt: skip
+                   "motion_extent", "motion_action", "read_ce")  # fmt: skip
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"dim": 192, "enc_layers": 4, "dec_layers": 4, "heads": 6},  # the CPU demo
     "small": {"dim": 512, "enc_layers": 8, "dec_layers": 8, "heads": 8},
@@ -60,6 +60,7 @@ class M2ConfigV2:
     motion_head: bool = False  # future displacements also straight from the query's shape features
     motion_dense: bool = False  # that path also trains on every sample's whole future
     motion_extent: bool = False  # that path's output is in units of the skeleton's own extent
+    motion_action: bool = False  # that path also reads the action, where one is given as an input
     read_ce: float = 0.0  # weight of the frame read-out's cross-entropy over cell columns / rows
     copy_margin: float = 0.0  # nats a next-frame token must beat the present by (set at export)
 
@@ -88,9 +89,9 @@ class M2ConfigV2:
             raise ValueError(f"model.shape_fourier must be >= 0, got {self.shape_fourier}")
         if self.motion_head and not self.query_shape:
             raise ValueError("model.motion_head reads the forecast queries' shape: set query_shape")
-        if (self.motion_dense or self.motion_extent) and not self.motion_head:
+        if (self.motion_dense or self.motion_extent or self.motion_action) and not self.motion_head:
             raise ValueError(
-                "model.motion_dense / motion_extent need the motion path: set motion_head"
+                "model.motion_dense / motion_extent / motion_action need the motion path: set motion_head"
             )
         if self.stem_layers < 2:
             raise ValueError(f"model.stem_layers must be >= 2, got {self.stem_layers}")
@@ -287,7 +288,15 @@ class M2ModelV2(nn.Module):
 
     def target_slots(self, batch: dict[str, Tensor], name: str) -> tuple[Tensor, Slots]:
         return self.slots(name, batch["dec_query"], batch["dec_mod"], batch["dec_pos"], batch["dec_valid"],
-                          batch.get("dec_prior"), batch.get("present_pose"))  # fmt: skip
+                          batch.get("dec_prior"), batch.get("present_pose"), self.given_action(batch))  # fmt: skip
+
+    def given_action(self, batch: dict[str, Tensor]) -> Tensor | None:
+        """(B,) each sample's action where it is an encoder input, else -1: the motion path
+        reads an action only where the trunk is given one."""
+        if batch.get("action") is None or "action" not in self.names:
+            return None
+        given = ((batch["enc_mod"] == self.names.index("action")) & batch["enc_valid"]).any(1)
+        return torch.where(given, batch["action"].view(-1), -1)
 
     def forward(
         self, batch: dict[str, Tensor]
@@ -306,8 +315,9 @@ class M2ModelV2(nn.Module):
             total, n = self.adapters[name].loss(h[sel], s, labels.flatten()[sel], ctx)
             parts[name] = (total.detach(), n.detach())
             means.append((total / n.clamp(min=1), n > 0))
+        given = self.given_action(batch)
         for name, a in self.adapters.items():
-            whole = a.whole_loss(batch)
+            whole = a.whole_loss(batch, given)
             if whole is not None:
                 total, n = whole
                 parts[f"{name}_whole"] = (total.detach(), n.detach())

@@ -25,14 +25,15 @@ class Slots:
 
     @classmethod
     def block(
-        cls, ids: Tensor, present: Tensor | None = None, present_pose: Tensor | None = None
-    ) -> Slots:
+        cls, ids: Tensor, present: Tensor | None = None, present_pose: Tensor | None = None,
+        action: Tensor | None = None,
+    ) -> Slots:  # fmt: skip
         """Every position of a full (B, n) block of one modality (`present` also (B, n))."""
         B, n = ids.shape
         pos = torch.arange(n, device=ids.device).repeat(B)
         row = torch.arange(B, device=ids.device).repeat_interleave(n)
         flat = None if present is None else present.flatten()
-        return cls(ids.flatten(), pos, row, B, flat, present_pose)
+        return cls(ids.flatten(), pos, row, B, flat, present_pose, action)
 
 
 @dataclass
@@ -68,9 +69,12 @@ class Adapter(nn.Module):
         tok = torch.where(shown[:, None], self.value(s.ids.clamp(min=0)), self.mask)
         return tok + self.positions(s.pos)
 
-    def whole_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor] | None:
+    def whole_loss(
+        self, batch: dict[str, Tensor], action: Tensor | None = None
+    ) -> tuple[Tensor, Tensor] | None:
         """A loss over every sample's whole modality, beside the drawn target slots' (none
-        here; the future skeleton's motion path has one)."""
+        here; the future skeleton's motion path has one); `action`, each sample's given
+        action or -1."""
         return None
 
     # A token classified over one vocabulary (text, label); image and pose override these.

@@ -125,6 +125,8 @@ class PoseAdapter(Adapter):
         motion_head: bool = False,
         motion_dense: bool = False,
         motion_extent: bool = False,
+        motion_action: bool = False,
+        action_classes: int = 0,
         read_ce: float = 0.0,
         **_: object,
     ):
@@ -149,6 +151,12 @@ class PoseAdapter(Adapter):
             nn.init.zeros_(self.motion.weight)  # starts at standing still, as the trunk's
             nn.init.zeros_(self.motion.bias)
         self.dense = self.motion is not None and motion_dense
+        # the given action beside the shape (row 0: none): in the frames before a switch only
+        # the label says where the body goes, and the trunk's small correction ignored it
+        self.motion_label = None
+        if self.motion is not None and motion_action:
+            self.motion_label = nn.Embedding(action_classes + 1, dim)
+            nn.init.normal_(self.motion_label.weight, std=0.02)
         self.extent = motion_extent
         self.read_ce = 0.0 if self.future else read_ce
         self.coord_out = nn.Linear(dim, 3)  # value (future: displacement), log scale, cell offset
@@ -185,7 +193,9 @@ class PoseAdapter(Adapter):
         shape = self.present_shape(s, x.dtype)
         return x if shape is None else x + shape[s.row]
 
-    def whole_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor] | None:
+    def whole_loss(
+        self, batch: dict[str, Tensor], action: Tensor | None = None
+    ) -> tuple[Tensor, Tensor] | None:
         """With motion_dense: the motion path alone against every future coordinate of every
         sample with a present skeleton. It costs one small MLP a sample, so every sample of
         a batch trains it, not only the future slots a target budget drew (run 15), and so
@@ -194,11 +204,16 @@ class PoseAdapter(Adapter):
         if future is None or batch.get("present_pose") is None:
             return None
         pose = batch["present_pose"]
+        if action is None:
+            action = torch.full((len(pose),), -1, dtype=torch.long, device=pose.device)
         if batch.get("motion_present") is not None:
             pose = torch.cat([pose, batch["motion_present"]])
             future = torch.cat([future, batch["motion_future"]])
+            pairs = batch.get("motion_action")
+            action = torch.cat([action, pairs if pairs is not None else action.new_full(
+                (len(batch["motion_present"]),), -1)])  # fmt: skip
         present = pose.repeat(1, FUTURE_FRAMES)  # the present token at each future position
-        s = Slots.block(torch.full_like(future, -1), present, pose)
+        s = Slots.block(torch.full_like(future, -1), present, pose, action)
         present, labels = s.present, future.flatten()
         path = self.motion_path(s, self.motion.weight.dtype)
         mu = bin_value(present.clamp(0, POSE_BINS - 1)) + path.flatten()
@@ -220,7 +235,11 @@ class PoseAdapter(Adapter):
         if self.motion is None or s.present_pose is None:
             return None
         shape = self._shape(s)
-        out = self.motion(F.gelu(self.query_shape(shape.to(dtype)))).float()
+        f = self.query_shape(shape.to(dtype))
+        if self.motion_label is not None:
+            known = s.action + 1 if s.action is not None else torch.zeros_like(f[:, 0]).long()
+            f = f + self.motion_label(known.clamp(min=0)).to(f.dtype)
+        out = self.motion(F.gelu(f)).float()
         return out * (shape[:, -1:].exp() if self.extent else MOVE_SCALE)
 
     @staticmethod

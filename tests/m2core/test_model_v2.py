@@ -668,6 +668,46 @@ def test_motion_extent_puts_the_path_in_units_of_the_skeletons_own_size():
         torch.testing.assert_close(a.motion_path(s, torch.float32), 0.1 * unit.expand(-1, 234))
 
 
+def test_motion_action_learns_two_futures_of_one_skeleton_from_the_given_action():
+    """One present skeleton, two futures told apart only by the action: with motion_action
+    the motion path fits both; without it, it can only fit their mean. The action counts
+    only where it is an encoder input (given), and a missing one reads as row 0."""
+    batch = _batch(AlphaSet({"tok_rgb": 1.0, "coords": 1.0}, {"coords_next": 1.0}), n=2)
+    pose = batch["present_pose"][:1].expand(2, -1)
+    future = pose.repeat(1, FUTURE_FRAMES).clone()
+    xy = torch.arange(FUTURE_FRAMES * 39) % 3 != 2
+    future[0, xy] = (future[0, xy] + 400).clamp(max=POSE_BINS - 1)  # one action moves right
+    future[1, xy] = (future[1, xy] - 400).clamp(min=0)  # the other left
+    pairs = {"present_pose": pose, "future_pose": future}
+    action = torch.tensor([1, 2])
+    errors = {}
+    for on in (True, False):
+        a = _model(query_shape=True, motion_head=True, motion_dense=True, motion_action=on)
+        a = a.adapters["coords_next"]
+        opt = torch.optim.Adam(a.parameters(), lr=3e-3)
+        for _ in range(150):
+            total, n = a.whole_loss(pairs, action)
+            opt.zero_grad()
+            (total / n).backward()
+            opt.step()
+        errors[on] = float(total.detach() / n) / 10.0  # L1_WEIGHT: mean error, frame units
+    assert errors[True] < 0.2 * errors[False], errors
+    assert errors[False] > 0.5 * 400 / POSE_BINS  # half the gap: the mean of the two
+    # unknown (-1) and given actions give different paths; -1 is the same as no action at all
+    s = Slots.block(torch.full_like(future, -1), None, pose, torch.tensor([1, -1]))
+    model = _model(query_shape=True, motion_head=True, motion_action=True)
+    a_on = model.adapters["coords_next"]
+    torch.nn.init.normal_(a_on.motion.weight, std=0.1)
+    got = a_on.motion_path(s, torch.float32)
+    assert not torch.allclose(got[0], got[1])
+    none = a_on.motion_path(Slots.block(torch.full_like(future, -1), None, pose), torch.float32)
+    torch.testing.assert_close(none[1], got[1])
+    # the model passes an action to the path only where the encoder has it as an input
+    assert model.given_action(batch).tolist() == [-1, -1]  # inputs: the frame and the skeleton
+    steer = _batch(AlphaSet({"action": 1.0}, {"coords_next": 1.0}), n=2)
+    assert model.given_action(steer).tolist() == steer["action"].tolist() == [0, 1]
+
+
 # --- 6. config ------------------------------------------------------------------------------
 
 
@@ -681,6 +721,8 @@ def test_config_rejects_bad_values():
         M2ConfigV2(**TINY, query_shape=True, motion_dense=True)
     with pytest.raises(ValueError, match="motion_head"):
         M2ConfigV2(**TINY, query_shape=True, motion_extent=True)
+    with pytest.raises(ValueError, match="motion_head"):
+        M2ConfigV2(**TINY, query_shape=True, motion_action=True)
     with pytest.raises(ValueError, match="format"):
         M2ConfigV2(**TINY, format=1)
     with pytest.raises(ValueError, match="format"):

@@ -92,12 +92,17 @@ class Shards:
 
     def pose_pairs(self, n: int, key: list[int]) -> dict[str, torch.Tensor]:
         """`n` rows drawn by `key` -> their skeleton now and whole future, as the motion
-        path's extra pairs (`motion_present` (n, 39), `motion_future` (n, 234))."""
-        rows = np.sort(np.random.default_rng([*key, 0x9A1]).integers(0, len(self), n))
-        return {
+        path's extra pairs (`motion_present` (n, 39), `motion_future` (n, 234)), and their
+        action, given for half of them as a steering input (`motion_action` (n,), -1 = none)."""
+        rng = np.random.default_rng([*key, 0x9A1])
+        rows = np.sort(rng.integers(0, len(self), n))
+        out = {
             f"motion_{k}": torch.from_numpy(np.asarray(self.arrays[name][rows], dtype=np.int64))
             for k, name in (("present", "coords"), ("future", "coords_next"))
         }
+        action = np.asarray(self.arrays["action"][rows], np.int64)
+        out["motion_action"] = torch.from_numpy(np.where(rng.random(n) < 0.5, action, -1))
+        return out
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
