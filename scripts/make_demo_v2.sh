@@ -7,7 +7,7 @@
 #   WORK=data/demo-v2 bash scripts/make_demo_v2.sh                   # 2-core CPU: 2 h 15 min-2 h 45 min (docs/model.md, "Reproducing")
 #   WORK=data/demo-v2 GPU_MINUTES=5 bash scripts/make_demo_v2.sh     # the run on one GPU (not yet tried)
 #
-# Knobs: CLIPS (2000); SYNTH (the clips' folder, default $WORK/synth, reused with --resume);
+# Knobs: CLIPS (2000); SWITCH_SHARE (0.5: clips that change action, docs/model.md run 18); SYNTH (the clips' folder, default $WORK/synth, reused with --resume);
 # TOKENIZER (a trained tokenizer folder: skips train-tokenizer); TRAIN_MINUTES (50, the CPU
 # run's budget); SAMPLES (256, test samples scored); WORKERS (synth and prepare processes);
 # SHORT_BATCH (a short_batch override, docs/model.md run 4).
@@ -16,6 +16,7 @@ cd "$(dirname "$0")/.."
 WORK=${WORK:-data/demo-v2}
 OUT=${OUT:-$WORK/m2-demo-v2}
 CLIPS=${CLIPS:-2000}
+SWITCH_SHARE=${SWITCH_SHARE:-0.5}
 TRAIN_MINUTES=${TRAIN_MINUTES:-50}
 SAMPLES=${SAMPLES:-256}
 WORKERS=${WORKERS:-$(nproc)}
@@ -37,7 +38,8 @@ times = json.load(open(path)); times[name] = secs; json.dump(times, open(path, "
 PY
 }
 
-stage "m2 synth ($CLIPS clips)" m2 synth --out "$SYNTH" --clips "$CLIPS" --seed 0 --workers "$WORKERS" --resume
+stage "m2 synth ($CLIPS clips)" m2 synth --out "$SYNTH" --clips "$CLIPS" --seed 0 --workers "$WORKERS" --resume \
+  --switch-share "$SWITCH_SHARE"
 TOK=${TOKENIZER:-$WORK/tokenizer}
 if [ -z "${TOKENIZER:-}" ]; then  # configs/tokenizer.yaml: 64,000 codes, 45-55 min on 2 cores
   stage "m2 train-tokenizer" m2 train-tokenizer --data "$SYNTH" --out "$TOK" --config configs/tokenizer.yaml

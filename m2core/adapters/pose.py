@@ -14,8 +14,8 @@ as positions and visibility flags read out directly.
   regression's known slow start; a 1D heatmap target as SimCC's).
 - A future coordinate is the present one plus a displacement: with `motion_head`, a linear
   map of the forecast queries' shape features (a path of its own, docs/model.md run 15;
-  with `motion_extent` in units of the skeleton's own extent, run 16) plus the trunk's
-  regressed correction, which is where an action or caption can steer.
+  with `motion_extent` in units of the skeleton's own extent, run 16; with `motion_action`
+  also of the given action, run 18) plus the trunk's regressed correction.
 - Every coordinate carries a Laplace scale b, read from the state by a head of its own
   and trained by the Laplace negative log-likelihood |y - mu| / b + log b (frame units)
   with the position held fixed; the position itself by its L1 error. So the model says
