@@ -44,15 +44,17 @@ FUTURE = (("coords_next", "readout"), ("tok_rgb_next", "maskgit"))
 class Chain:
     """One generation call's state: the known modalities and the per-sample generators."""
 
-    def __init__(self, model: M2ModelV2, cfg: GenerationConfig, gens: list[torch.Generator]):
+    def __init__(
+        self, model: M2ModelV2, cfg: GenerationConfig, gens: list[torch.Generator],
+        given_action: Tensor | None = None,
+    ):  # fmt: skip
         self.model, self.cfg, self.gens = model, cfg, gens
+        # (B,) the caller's action for the motion path, -1 = none; a read one never steers it
+        self.given_action = given_action
         self.registry = model.config.registry()  # built once, read at every step
         self.known: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (ids (B, n), valid (B, n))
         self.times: dict[str, float] = defaultdict(float)
         self.confidence: dict[str, Tensor] = {}
-        self.given_action: Tensor | None = (
-            None  # (B,) the caller's action, -1 = none (not a read one)
-        )
         # name -> (the known entry it was made from, its input embedding): each block is
         # embedded on its own, so an unchanged one (the frame, until a roll-out) is embedded once
         self.embedded: dict[str, tuple[tuple[Tensor, Tensor], Tensor]] = {}
@@ -196,8 +198,7 @@ def generate(
     seeds = [cfg.seed] * B if isinstance(cfg.seed, int) else list(cfg.seed)
     if len(seeds) != B:
         raise ValueError(f"got {len(seeds)} seeds for a batch of {B}")
-    chain = Chain(model, cfg, [torch.Generator().manual_seed(int(s)) for s in seeds])
-    chain.given_action = action
+    chain = Chain(model, cfg, [torch.Generator().manual_seed(int(s)) for s in seeds], action)
     ones = lambda x: torch.ones_like(x, dtype=torch.bool)  # noqa: E731
     L = caps.shape[1]
     cap_valid = lambda c, has: (c > PAD_ID) & has[:, None] & (torch.arange(L, device=device) > 0)  # noqa: E731

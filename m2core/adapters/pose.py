@@ -209,9 +209,10 @@ class PoseAdapter(Adapter):
         if batch.get("motion_present") is not None:
             pose = torch.cat([pose, batch["motion_present"]])
             future = torch.cat([future, batch["motion_future"]])
-            pairs = batch.get("motion_action")
-            action = torch.cat([action, pairs if pairs is not None else action.new_full(
-                (len(batch["motion_present"]),), -1)])  # fmt: skip
+            pairs = batch.get("motion_action")  # the pairs' labels, where given
+            if pairs is None:
+                pairs = action.new_full((len(batch["motion_present"]),), -1)
+            action = torch.cat([action, pairs])
         present = pose.repeat(1, FUTURE_FRAMES)  # the present token at each future position
         s = Slots.block(torch.full_like(future, -1), present, pose, action)
         present, labels = s.present, future.flatten()
