@@ -888,3 +888,40 @@ def test_one_format_2_run_trains_every_parameter_the_served_model_has(prepared, 
     assert bundle.model.config.copy_margin == found["copy_margin"]
     assert found["accuracy"] >= found["copying"] and found["tokens"] > 0
     assert "Copy margin" in (res.final_dir / "MODEL_CARD.md").read_text()
+
+
+def test_motion_pairs_draw_their_lead_share_where_the_label_leads(prepared, tmp_path):
+    """`motion_lead_share` of the motion path's pairs come from the samples whose label
+    leads the motion; one-action data has none, which a run that asks for them is told."""
+    import shutil
+
+    from training.data.shards import Shards
+
+    data = tmp_path / "switched"  # every clip relabelled from frame 6 on: frames 6 and 9 lead
+    shutil.copytree(prepared, data)
+    frame, action = (np.load(data / "train" / f"{k}.npy") for k in ("frame", "action"))
+    np.save(data / "train" / "action.npy", np.where(frame >= 6, (action + 1) % 10, action))
+    shards = Shards(data, "train")
+    leads = shards.lead_rows()
+    assert len(leads) and set(frame[leads].tolist()) <= {6, 9}
+    coords = np.asarray(shards.arrays["coords"], np.int64)
+    lead_skeletons = {coords[r].tobytes() for r in leads}
+
+    def lead_count(share: float) -> int:
+        pairs = shards.pose_pairs(64, [0, 1, 0, 0], share)
+        return sum(p.numpy().tobytes() in lead_skeletons for p in pairs["motion_present"])
+
+    base = lead_count(0.0)
+    assert base < 32 <= lead_count(0.5) and lead_count(1.0) == 64
+    pairs = shards.pose_pairs(64, [0, 1, 0, 0], 1.0)  # the labels given are the leading ones
+    given = pairs["motion_action"][pairs["motion_action"] >= 0].numpy()
+    leading = np.load(data / "train" / "action.npy")[leads]
+    assert len(given) and set(given.tolist()) <= set(leading.tolist())
+
+    assert len(Shards(prepared, "train").lead_rows()) == 0
+    cfg = {**TINY, "data_dir": str(prepared), "output_dir": str(tmp_path / "r"),
+           "model": {**TINY["model"], "format": 2, "motion_head": True, "motion_dense": True},
+           "motion_batch": 8, "motion_lead_share": 0.5}  # fmt: skip
+    with pytest.raises(ValueError, match=r"no label in .* leads its motion"):
+        train(cfg)
+    assert not (tmp_path / "r").exists()

@@ -71,6 +71,7 @@ class Shards:
             if len(arr) != n:
                 raise ValueError(f"{path}: {len(arr)} rows, meta.json says {n}")
             self.arrays[name] = arr
+        self._leads: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.arrays["tok_rgb"])
@@ -90,12 +91,21 @@ class Shards:
             for name in MODALITY_ARRAYS
         }
 
-    def pose_pairs(self, n: int, key: list[int]) -> dict[str, torch.Tensor]:
+    def pose_pairs(
+        self, n: int, key: list[int], lead_share: float = 0.0
+    ) -> dict[str, torch.Tensor]:
         """`n` rows drawn by `key` -> their skeleton now and whole future, as the motion
         path's extra pairs (`motion_present` (n, 39), `motion_future` (n, 234)), and their
-        action, given for half of them as a steering input (`motion_action` (n,), -1 = none)."""
+        action, given for half of them as a steering input (`motion_action` (n,), -1 = none).
+        A `lead_share` of the rows comes from the samples whose label leads the motion, the
+        only ones where the action tells the path something the skeleton does not."""
         rng = np.random.default_rng([*key, 0x9A1])
-        rows = np.sort(rng.integers(0, len(self), n))
+        rows = rng.integers(0, len(self), n)
+        leads = self.lead_rows() if lead_share else []
+        if len(leads):
+            n_lead = round(n * lead_share)
+            rows[:n_lead] = rng.choice(leads, n_lead)
+        rows = np.sort(rows)
         out = {
             f"motion_{k}": torch.from_numpy(np.asarray(self.arrays[name][rows], dtype=np.int64))
             for k, name in (("present", "coords"), ("future", "coords_next"))
@@ -103,6 +113,30 @@ class Shards:
         action = np.asarray(self.arrays["action"][rows], np.int64)
         out["motion_action"] = torch.from_numpy(np.where(rng.random(n) < 0.5, action, -1))
         return out
+
+    def lead_rows(self) -> np.ndarray:
+        """The rows whose label differs from their clip's label one stride earlier (cached)."""
+        if self._leads is None:
+            A = self.arrays
+            self._leads = label_leads(
+                np.asarray(A["clip"]), np.asarray(A["frame"]), np.asarray(A["action"]),
+                self.meta["stride"],
+            )[0]  # fmt: skip
+        return self._leads
+
+
+def label_leads(clip: np.ndarray, frame: np.ndarray, action: np.ndarray, lag: int):
+    """(rows, shown): the samples whose label differs from their clip's label `lag` frames
+    earlier, and that earlier label (the action the pose still shows). A frame's label names
+    the action a few frames ahead, so near a switch the pose still shows the last one."""
+    label = {(int(c), int(f)): int(a) for c, f, a in zip(clip, frame, action, strict=True)}
+    rows, shown = [], []
+    for i, (c, f, a) in enumerate(zip(clip, frame, action, strict=True)):
+        before = label.get((int(c), int(f) - lag))
+        if before is not None and before != int(a):
+            rows.append(i)
+            shown.append(before)
+    return np.asarray(rows, np.int64), np.asarray(shown, np.int64)
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
