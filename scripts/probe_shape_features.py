@@ -23,12 +23,14 @@ from torch import nn
 
 from m2core.adapters.pose import ShapeFourier
 
-HOP, AHEAD = 3, 6
+HOP, AHEAD = 3, 6  # key-frame hop; future skeletons (and frames a label leads, m2 synth)
 
 
-def load(root: Path, clips: int) -> dict[str, torch.Tensor]:
+def load(root: Path, clips: int, horizon: int = AHEAD) -> dict[str, torch.Tensor]:
     """-> features (N, 27): 26 positions around the skeleton's centre over its extent, and its
-    log extent; move (N, 6, 13, 2) in extents; extent; seen (N, 6, 13); action; test."""
+    log extent; move (N, 6, 13, 2) in extents, at `horizon` / 6 frame steps; extent; seen (N, 6, 13); action (the frame's
+    label); shown (the label AHEAD frames earlier, which the pose still shows; -1 before
+    it); test."""
     rows: list[tuple] = []
     files = sorted((root / "labels").glob("*.mat"))[:clips]
     if not files:
@@ -38,12 +40,17 @@ def load(root: Path, clips: int) -> dict[str, torch.Tensor]:
         m = scipy.io.loadmat(f)
         xy = np.stack([m["x"], m["y"]], -1) / float(max(m["dimensions"][0][:2]))
         vis = m["visibility"].astype(bool)
-        name = str(m["action"][0])
-        if name not in actions:
-            actions.append(name)
-        for t in range(0, len(xy) - AHEAD, HOP):
-            rows.append((ci, actions.index(name), xy[t], vis[t], xy[t + 1 : t + 1 + AHEAD],
-                         vis[t + 1 : t + 1 + AHEAD]))  # fmt: skip
+        # a clip that switches action has a label per frame (m2 synth --switch-share)
+        names = [str(a).strip() for a in m.get("frame_action", [m["action"][0]] * len(xy))]
+        for name in names:
+            if name not in actions:
+                actions.append(name)
+        label = [actions.index(n) for n in names]
+        ahead = [round(k * horizon / AHEAD) for k in range(1, AHEAD + 1)]  # as m2 prepare
+        for t in range(0, len(xy) - horizon, HOP):
+            shown = label[t - AHEAD] if t >= AHEAD else -1
+            at = [t + k for k in ahead]
+            rows.append((ci, label[t], xy[t], vis[t], xy[at], vis[at], shown))
     col = lambda i, dt=torch.float32: torch.tensor(np.stack([r[i] for r in rows]), dtype=dt)  # noqa: E731
     now, fut = col(2), col(4)
     centre = now.mean(1, keepdim=True)
@@ -53,7 +60,8 @@ def load(root: Path, clips: int) -> dict[str, torch.Tensor]:
     return {
         "feats": feats, "move": (fut - now[:, None]) / extent[:, None], "extent": extent,
         "seen": col(3, torch.bool)[:, None] & col(5, torch.bool),
-        "action": torch.tensor([r[1] for r in rows]), "test": clip >= int(len(files) * 0.85),
+        "action": torch.tensor([r[1] for r in rows]), "shown": torch.tensor([r[6] for r in rows]),
+        "test": clip >= int(len(files) * 0.85),
     }  # fmt: skip
 
 

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from training.synth.scene import LEAD
+
 MODALITY_ARRAYS = ("tok_rgb", "coords", "captions", "tok_rgb_next", "coords_next")
 EXTRA_ARRAYS = ("coords_prev", "bbox", "clip", "frame", "action")
 
@@ -115,12 +117,13 @@ class Shards:
         return out
 
     def lead_rows(self) -> np.ndarray:
-        """The rows whose label differs from their clip's label one stride earlier (cached)."""
+        """The rows whose label differs from their clip's label LEAD frames earlier (cached):
+        m2 synth's labels lead the motion by LEAD frames, whatever the key-frame stride."""
         if self._leads is None:
             A = self.arrays
             self._leads = label_leads(
                 np.asarray(A["clip"]), np.asarray(A["frame"]), np.asarray(A["action"]),
-                self.meta["stride"],
+                LEAD,
             )[0]  # fmt: skip
         return self._leads
 

@@ -242,7 +242,7 @@ def evaluate(
         steered = {k: pose.decode_future(np.concatenate(v), strict=False) for k, v in steer.items()}
         report["steering"] = {"no_action": report["coords_next"]["ade"], **{
             f"{k}_action": M.forecast_metrics(v, gt_next, scale)["ade"] for k, v in steered.items()}}  # fmt: skip
-        sw = steering_at_switches(model, shards, meta, pose, gen_cfg, samples, batch_size, seed)
+        sw = steering_at_switches(model, shards, pose, gen_cfg, samples, batch_size, seed)
         if sw:  # clips that change action: where a label can say what the pose does not
             report["steering"]["at_switches"] = sw
         report["coords"]["confidence"] = _reliability(

@@ -16,10 +16,11 @@ import torch
 
 from training.data.shards import label_leads
 from training.eval import metrics as M
+from training.synth.scene import LEAD
 
 
 def steering_at_switches(
-    model, shards, meta: dict, pose, gen_cfg, samples: int, batch_size: int, seed: int
+    model, shards, pose, gen_cfg, samples: int, batch_size: int, seed: int
 ) -> dict[str, Any] | None:
     """Forecast ADE given the frame and the true skeleton on the label-leads samples: with
     no action, the coming (true) action and the shown (earlier) one. None without such
@@ -28,8 +29,8 @@ def steering_at_switches(
 
     A = shards.arrays
     rows, shown = label_leads(
-        np.asarray(A["clip"]), np.asarray(A["frame"]), np.asarray(A["action"]), meta["stride"]
-    )
+        np.asarray(A["clip"]), np.asarray(A["frame"]), np.asarray(A["action"]), LEAD
+    )  # the synth's label lead, not the key-frame stride: the pose shows the old action then
     if len(rows) == 0:
         return None
     pick = np.sort(np.random.default_rng(seed).permutation(len(rows))[:samples])
