@@ -96,9 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fourier", type=int, default=256, help="features (sin and cos each)")
     ap.add_argument("--sigmas", default="0,0.5,1,2", help="0: the raw positions only")
     ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--horizon", type=int, default=AHEAD, help="frames to the last future skeleton")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    d = load(args.synth, args.clips)
+    d = load(args.synth, args.clips, args.horizon)
     tr, te = ~d["test"], d["test"]
     x_tr, x_te = d["feats"][tr], d["feats"][te]
     y_tr = d["move"][tr].flatten(1)

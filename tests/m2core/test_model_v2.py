@@ -668,6 +668,18 @@ def test_motion_extent_puts_the_path_in_units_of_the_skeletons_own_size():
         torch.testing.assert_close(a.motion_path(s, torch.float32), 0.1 * unit.expand(-1, 234))
 
 
+def _fit_path(a, pairs: dict, action: torch.Tensor, steps: int) -> float:
+    """Train the adapter's motion path alone on the pairs -> its last mean L1 error (frame
+    units)."""
+    opt = torch.optim.Adam(a.parameters(), lr=3e-3)
+    for _ in range(steps):
+        total, n = a.whole_loss(pairs, action)
+        opt.zero_grad()
+        (total / n).backward()
+        opt.step()
+    return float(total.detach() / n) / 10.0  # L1_WEIGHT
+
+
 def test_motion_action_learns_two_futures_of_one_skeleton_from_the_given_action():
     """One present skeleton, two futures told apart only by the action: with motion_action
     the motion path fits both; without it, it can only fit their mean. The action counts
@@ -683,14 +695,7 @@ def test_motion_action_learns_two_futures_of_one_skeleton_from_the_given_action(
     errors = {}
     for on in (True, False):
         a = _model(query_shape=True, motion_head=True, motion_dense=True, motion_action=on)
-        a = a.adapters["coords_next"]
-        opt = torch.optim.Adam(a.parameters(), lr=3e-3)
-        for _ in range(150):
-            total, n = a.whole_loss(pairs, action)
-            opt.zero_grad()
-            (total / n).backward()
-            opt.step()
-        errors[on] = float(total.detach() / n) / 10.0  # L1_WEIGHT: mean error, frame units
+        errors[on] = _fit_path(a.adapters["coords_next"], pairs, action, 150)
     assert errors[True] < 0.2 * errors[False], errors
     assert errors[False] > 0.5 * 400 / POSE_BINS  # half the gap: the mean of the two
     # unknown (-1) and given actions give different paths; -1 is the same as no action at all
@@ -726,13 +731,7 @@ def test_motion_layers_let_the_action_turn_each_pose_its_own_way():
     assert len(a.motion_mix) == 2  # one Linear, one GELU
     s = Slots.block(torch.full_like(future, -1), None, pose, action)
     assert a.motion_path(s, torch.float32).abs().max() == 0  # standing still at the start
-    opt = torch.optim.Adam(a.parameters(), lr=3e-3)
-    for _ in range(200):
-        total, n = a.whole_loss(pairs, action)
-        opt.zero_grad()
-        (total / n).backward()
-        opt.step()
-    assert float(total.detach() / n) / 10.0 < 0.2 * 400 / POSE_BINS
+    assert _fit_path(a, pairs, action, 200) < 0.2 * 400 / POSE_BINS
     assert a.motion_mix[0].weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="motion_head"):
         M2ConfigV2(**TINY, query_shape=True, motion_layers=1)
