@@ -25,7 +25,7 @@ PRESENT_OF = {"coords_next": "coords", "tok_rgb_next": "tok_rgb"}  # a future's 
 # the config fields the adapters read (each kind takes the ones it knows)
 ADAPTER_OPTIONS = ("image_levels", "query_shape", "future_l2", "stem_layers", "caption_action",
                    "action_classes", "shape_fourier", "motion_head", "motion_dense",
-                   "motion_extent", "motion_action", "motion_layers", "read_ce")  # fmt: skip
+                   "motion_extent", "motion_action", "read_ce")  # fmt: skip
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"dim": 192, "enc_layers": 4, "dec_layers": 4, "heads": 6},  # the CPU demo
     "small": {"dim": 512, "enc_layers": 8, "dec_layers": 8, "heads": 8},
@@ -61,7 +61,6 @@ class M2ConfigV2:
     motion_dense: bool = False  # that path also trains on every sample's whole future
     motion_extent: bool = False  # that path's output is in units of the skeleton's own extent
     motion_action: bool = False  # that path also reads the action, where one is given as an input
-    motion_layers: int = 0  # hidden layers of that path after the action joins the shape
     read_ce: float = 0.0  # weight of the frame read-out's cross-entropy over cell columns / rows
     copy_margin: float = 0.0  # nats a next-frame token must beat the present by (set at export)
 
@@ -86,17 +85,13 @@ class M2ConfigV2:
             raise ValueError(f"model.copy_margin must be >= 0 nats, got {self.copy_margin}")
         if not self.read_ce >= 0:
             raise ValueError(f"model.read_ce must be >= 0, got {self.read_ce}")
-        if self.motion_layers < 0:
-            raise ValueError(f"model.motion_layers must be >= 0, got {self.motion_layers}")
         if self.shape_fourier < 0:
             raise ValueError(f"model.shape_fourier must be >= 0, got {self.shape_fourier}")
         if self.motion_head and not self.query_shape:
             raise ValueError("model.motion_head reads the forecast queries' shape: set query_shape")
-        path = self.motion_dense or self.motion_extent or self.motion_action or self.motion_layers
-        if path and not self.motion_head:
+        if (self.motion_dense or self.motion_extent or self.motion_action) and not self.motion_head:
             raise ValueError(
-                "model.motion_dense / motion_extent / motion_action / motion_layers need the"
-                " motion path: set motion_head"
+                "model.motion_dense / motion_extent / motion_action need the motion path: set motion_head"
             )
         if self.stem_layers < 2:
             raise ValueError(f"model.stem_layers must be >= 2, got {self.stem_layers}")

@@ -10,7 +10,8 @@
 # Knobs: CLIPS (2000); SWITCH_SHARE (0.5: clips that change action, docs/model.md run 18); SYNTH (the clips' folder, default $WORK/synth, reused with --resume);
 # TOKENIZER (a trained tokenizer folder: skips train-tokenizer); TRAIN_MINUTES (50, the CPU
 # run's budget); SAMPLES (256, test samples scored); WORKERS (synth and prepare processes);
-# SHORT_BATCH (a short_batch override, docs/model.md run 4).
+# SHORT_BATCH (a short_batch override, docs/model.md run 4); STRIDE (6: the six future skeletons
+# are t+1..t+S, docs/model.md run 20); OVERRIDES (more training key=value, space-separated).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-data/demo-v2}
@@ -19,6 +20,7 @@ CLIPS=${CLIPS:-2000}
 SWITCH_SHARE=${SWITCH_SHARE:-0.5}
 TRAIN_MINUTES=${TRAIN_MINUTES:-50}
 SAMPLES=${SAMPLES:-256}
+STRIDE=${STRIDE:-6}
 WORKERS=${WORKERS:-$(nproc)}
 SYNTH=${SYNTH:-$WORK/synth}
 mkdir -p "$WORK"
@@ -45,9 +47,11 @@ if [ -z "${TOKENIZER:-}" ]; then  # configs/tokenizer.yaml: 64,000 codes, 45-55 
   stage "m2 train-tokenizer" m2 train-tokenizer --data "$SYNTH" --out "$TOK" --config configs/tokenizer.yaml
 fi
 stage "m2 prepare (hop 3)" m2 prepare --data "$SYNTH" --tokenizer "$TOK" --out "$WORK/prepared" \
-  --workers "$WORKERS" --hop 3
+  --workers "$WORKERS" --hop 3 --stride "$STRIDE"
 TRAIN=(training/train.py --config configs/m2-tiny-v2.yaml data_dir="$WORK/prepared" output_dir="$WORK/run")
 [ -n "${SHORT_BATCH:-}" ] && TRAIN+=("short_batch=$SHORT_BATCH")
+read -r -a more <<< "${OVERRIDES:-}"
+TRAIN+=("${more[@]}")
 if [ -n "${GPU_MINUTES:-}" ]; then  # bf16, batch 512, sized to the minutes given
   stage "train (GPU, ${GPU_MINUTES} min)" accelerate launch --num_processes 1 --num_machines 1 \
     --mixed_precision bf16 --dynamo_backend no "${TRAIN[@]}" cpu=false dtype=bf16 tf32=true \

@@ -9,7 +9,8 @@ run 20).
 - `add`: a row per action added to the shape features before the output layer
   (`model.motion_action` today);
 - `film`: the shape features scaled and shifted per action;
-- `deep`: the added row, then one more hidden layer, so the action and the shape interact.
+- `deep`: the added row, then one more hidden layer, so the action and the shape interact
+  (run 20 tried it in the model as well, `model.motion_layers`, and removed it again).
 
 Half the training pairs carry their label, as the run's extra pairs do. Scored on the
 held-out clips where the label leads the motion (a frame's label names the action AHEAD

@@ -15,9 +15,7 @@ as positions and visibility flags read out directly.
 - A future coordinate is the present one plus a displacement: with `motion_head`, a linear
   map of the forecast queries' shape features (a path of its own, docs/model.md run 15;
   with `motion_extent` in units of the skeleton's own extent, run 16; with `motion_action`
-  also of the given action, run 18, and `motion_layers` hidden layers after it joins, so
-  the action can say how this pose turns into the next, run 20) plus the trunk's
-  regressed correction.
+  also of the given action, run 18) plus the trunk's regressed correction.
 - Every coordinate carries a Laplace scale b, read from the state by a head of its own
   and trained by the Laplace negative log-likelihood |y - mu| / b + log b (frame units)
   with the position held fixed; the position itself by its L1 error. So the model says
@@ -128,7 +126,6 @@ class PoseAdapter(Adapter):
         motion_dense: bool = False,
         motion_extent: bool = False,
         motion_action: bool = False,
-        motion_layers: int = 0,
         action_classes: int = 0,
         read_ce: float = 0.0,
         **_: object,
@@ -160,10 +157,6 @@ class PoseAdapter(Adapter):
         if self.motion is not None and motion_action:
             self.motion_label = nn.Embedding(action_classes + 1, dim)
             nn.init.normal_(self.motion_label.weight, std=0.02)
-        self.motion_mix = nn.Sequential(
-            *(m for _ in range(motion_layers if self.motion is not None else 0)
-              for m in (nn.Linear(dim, dim), nn.GELU()))
-        )  # fmt: skip
         self.extent = motion_extent
         self.read_ce = 0.0 if self.future else read_ce
         self.coord_out = nn.Linear(dim, 3)  # value (future: displacement), log scale, cell offset
@@ -247,7 +240,7 @@ class PoseAdapter(Adapter):
         if self.motion_label is not None:
             known = s.action + 1 if s.action is not None else torch.zeros_like(f[:, 0]).long()
             f = f + self.motion_label(known.clamp(min=0)).to(f.dtype)
-        out = self.motion(self.motion_mix(F.gelu(f))).float()
+        out = self.motion(F.gelu(f)).float()
         return out * (shape[:, -1:].exp() if self.extent else MOVE_SCALE)
 
     @staticmethod

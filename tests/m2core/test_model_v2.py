@@ -713,32 +713,6 @@ def test_motion_action_learns_two_futures_of_one_skeleton_from_the_given_action(
     assert model.given_action(steer).tolist() == steer["action"].tolist() == [0, 1]
 
 
-def test_motion_layers_let_the_action_turn_each_pose_its_own_way():
-    """Two skeletons under two actions, where the action's move depends on the skeleton (A
-    goes right under action 1 and left under 2, B the other way round): with a hidden layer
-    after the action joins, the path fits all four; it still starts at standing still."""
-    batch = _batch(AlphaSet({"tok_rgb": 1.0, "coords": 1.0}, {"coords_next": 1.0}), n=2)
-    pose = batch["present_pose"].repeat(2, 1)  # A, B, A, B
-    future = pose.repeat(1, FUTURE_FRAMES).clone()
-    xy = torch.arange(FUTURE_FRAMES * 39) % 3 != 2
-    for i, step in enumerate((400, -400, -400, 400)):
-        future[i, xy] = (future[i, xy] + step).clamp(0, POSE_BINS - 1)
-    pairs = {"present_pose": pose, "future_pose": future}
-    action = torch.tensor([1, 1, 2, 2])
-    model = _model(query_shape=True, motion_head=True, motion_dense=True, motion_action=True,
-                   motion_layers=1)  # fmt: skip
-    a = model.adapters["coords_next"]
-    assert len(a.motion_mix) == 2  # one Linear, one GELU
-    s = Slots.block(torch.full_like(future, -1), None, pose, action)
-    assert a.motion_path(s, torch.float32).abs().max() == 0  # standing still at the start
-    assert _fit_path(a, pairs, action, 200) < 0.2 * 400 / POSE_BINS
-    assert a.motion_mix[0].weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="motion_head"):
-        M2ConfigV2(**TINY, query_shape=True, motion_layers=1)
-    with pytest.raises(ValueError, match="motion_layers"):
-        M2ConfigV2(**TINY, query_shape=True, motion_head=True, motion_layers=-1)
-
-
 # --- 6. config ------------------------------------------------------------------------------
 
 
