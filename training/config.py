@@ -79,7 +79,6 @@ class TrainConfig:
     # Training samples a step whose skeleton now and future also train the forecast's motion
     # path alone (no trunk pass, not counted as tokens); needs model.motion_dense. 0 = off.
     motion_batch: int = 0
-    motion_lead_share: float = 0.0  # share of those pairs drawn where the label leads the motion
     # A second batch every step, of short samples with their own budget and mixtures (say the
     # skeleton alone, a third of a full sample's tokens): {batch_size, input_tokens,
     # target_tokens, alpha_mixtures, weight}; its loss is added times weight. {} = off.
@@ -359,11 +358,6 @@ def _validate(cfg: TrainConfig) -> None:
             ok = isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
             need(ok, f"{name}.{k} must be a number >= 0, got {v!r}")
     need(cfg.motion_batch >= 0, f"motion_batch must be >= 0, got {cfg.motion_batch}")
-    need(
-        0 <= cfg.motion_lead_share <= 1,
-        f"motion_lead_share must be in [0, 1], got {cfg.motion_lead_share}",
-    )
-    need(not cfg.motion_lead_share or cfg.motion_batch > 0, "motion_lead_share needs motion_batch")
     need(
         not cfg.motion_batch or bool(cfg.model.get("motion_dense")),
         "motion_batch trains the forecast's motion path: set model.motion_dense",

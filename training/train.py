@@ -152,9 +152,6 @@ def _open(config, overrides, t_start: float) -> _Run:
                      make_plan(cfg, cfg.plan_devices).describe())  # fmt: skip
     meta = load_meta(cfg.data_dir)
     train_shards = Shards(cfg.data_dir, "train", meta)
-    if cfg.motion_lead_share and not len(train_shards.lead_rows()):
-        raise ValueError(f"motion_lead_share: no label in {cfg.data_dir} leads its motion "
-                         "(one action per clip: `m2 synth --switch-share`)")  # fmt: skip
     has_val = meta["counts"].get("val", {}).get("samples")
     val_shards = Shards(cfg.data_dir, "val", meta) if has_val else None
     mcfg = model_config(cfg, meta)
@@ -331,7 +328,7 @@ def _micro_steps(run: _Run, batches, window: Window) -> tuple[torch.Tensor, floa
             batch = next(source)
             if key == "main" and cfg.motion_batch:  # pairs for the motion path alone
                 key_ = [cfg.seed, run.step, micro, acc.process_index]
-                pairs = run.train_shards.pose_pairs(cfg.motion_batch, key_, cfg.motion_lead_share)
+                pairs = run.train_shards.pose_pairs(cfg.motion_batch, key_)
                 batch.update(pairs)
             batch = to_device(batch, acc.device)
             wait += time.perf_counter() - t0

@@ -161,8 +161,3 @@ def test_motion_batch_needs_the_motion_path():
         load_config(path, ["motion_batch=64", "model.motion_dense=false"])
     with pytest.raises(ValueError, match="motion_batch must be >= 0"):
         load_config(path, ["motion_batch=-1"])
-    assert load_config(path, ["motion_lead_share=0.25"]).motion_lead_share == 0.25
-    with pytest.raises(ValueError, match=r"motion_lead_share must be in \[0, 1\]"):
-        load_config(path, ["motion_lead_share=1.5"])
-    with pytest.raises(ValueError, match="motion_lead_share needs motion_batch"):
-        load_config(path, ["motion_lead_share=0.25", "motion_batch=0"])

@@ -25,8 +25,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from training.synth.scene import LEAD
-
 MODALITY_ARRAYS = ("tok_rgb", "coords", "captions", "tok_rgb_next", "coords_next")
 EXTRA_ARRAYS = ("coords_prev", "bbox", "clip", "frame", "action")
 
@@ -73,7 +71,6 @@ class Shards:
             if len(arr) != n:
                 raise ValueError(f"{path}: {len(arr)} rows, meta.json says {n}")
             self.arrays[name] = arr
-        self._leads: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.arrays["tok_rgb"])
@@ -93,21 +90,12 @@ class Shards:
             for name in MODALITY_ARRAYS
         }
 
-    def pose_pairs(
-        self, n: int, key: list[int], lead_share: float = 0.0
-    ) -> dict[str, torch.Tensor]:
+    def pose_pairs(self, n: int, key: list[int]) -> dict[str, torch.Tensor]:
         """`n` rows drawn by `key` -> their skeleton now and whole future, as the motion
         path's extra pairs (`motion_present` (n, 39), `motion_future` (n, 234)), and their
-        action, given for half of them as a steering input (`motion_action` (n,), -1 = none).
-        A `lead_share` of the rows comes from the samples whose label leads the motion, the
-        only ones where the action tells the path something the skeleton does not."""
+        action, given for half of them as a steering input (`motion_action` (n,), -1 = none)."""
         rng = np.random.default_rng([*key, 0x9A1])
-        rows = rng.integers(0, len(self), n)
-        leads = self.lead_rows() if lead_share else []
-        if len(leads):
-            n_lead = round(n * lead_share)
-            rows[:n_lead] = rng.choice(leads, n_lead)
-        rows = np.sort(rows)
+        rows = np.sort(rng.integers(0, len(self), n))
         out = {
             f"motion_{k}": torch.from_numpy(np.asarray(self.arrays[name][rows], dtype=np.int64))
             for k, name in (("present", "coords"), ("future", "coords_next"))
@@ -115,17 +103,6 @@ class Shards:
         action = np.asarray(self.arrays["action"][rows], np.int64)
         out["motion_action"] = torch.from_numpy(np.where(rng.random(n) < 0.5, action, -1))
         return out
-
-    def lead_rows(self) -> np.ndarray:
-        """The rows whose label differs from their clip's label LEAD frames earlier (cached):
-        m2 synth's labels lead the motion by LEAD frames, whatever the key-frame stride."""
-        if self._leads is None:
-            A = self.arrays
-            self._leads = label_leads(
-                np.asarray(A["clip"]), np.asarray(A["frame"]), np.asarray(A["action"]),
-                LEAD,
-            )[0]  # fmt: skip
-        return self._leads
 
 
 def label_leads(clip: np.ndarray, frame: np.ndarray, action: np.ndarray, lag: int):
