@@ -28,9 +28,9 @@ HOP, AHEAD = 3, 6  # key-frame hop; future skeletons (and frames a label leads, 
 
 def load(root: Path, clips: int, horizon: int = AHEAD) -> dict[str, torch.Tensor]:
     """-> features (N, 27): 26 positions around the skeleton's centre over its extent, and its
-    log extent; move (N, 6, 13, 2) in extents, at `horizon` / 6 frame steps; extent; seen (N, 6, 13); action (the frame's
-    label); shown (the label AHEAD frames earlier, which the pose still shows; -1 before
-    it); test."""
+    log extent; move (N, 6, 13, 2) in extents, `horizon` / 6 frames apart; extent; seen
+    (N, 6, 13); action (the frame's label); shown (the label AHEAD frames earlier, which
+    the pose still shows; -1 before it); test."""
     rows: list[tuple] = []
     files = sorted((root / "labels").glob("*.mat"))[:clips]
     if not files:
@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--horizon", type=int, default=AHEAD, help="frames to the last future skeleton")
     args = ap.parse_args(argv)
+    if min(args.steps, args.action_steps) < 40:
+        ap.error("--steps and --action-steps must be >= 40 (the warm-up is 5% of them)")
     torch.set_num_threads(1)
     d = load(args.synth, args.clips, args.horizon)
     tr, te = ~d["test"], d["test"]

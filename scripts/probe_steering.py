@@ -33,7 +33,7 @@ from m2core.adapters.pose import ShapeFourier
 DIM = 256  # the tiny preset's width
 
 
-class Path_(nn.Module):
+class MotionPath(nn.Module):
     def __init__(self, kind: str, d_in: int, d_out: int, actions: int, fourier: int):
         super().__init__()
         self.kind = kind
@@ -72,9 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         "--lead-share",
         type=float,
         default=0.0,
-        help="share of each batch drawn where the label leads (motion_lead_share)",
+        help="share of each batch drawn where the label leads",
     )
     args = ap.parse_args(argv)
+    if args.steps < 40:
+        ap.error("--steps must be >= 40 (the one-cycle warm-up is 5% of them)")
     torch.set_num_threads(1)
     d = load(args.synth, args.clips, args.horizon)
     tr = ~d["test"]
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for seed in (int(s) for s in args.seeds.split(",")):
             torch.manual_seed(seed)
-            net = Path_(kind, x.shape[1], y.shape[1], classes, args.fourier)
+            net = MotionPath(kind, x.shape[1], y.shape[1], classes, args.fourier)
             opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05)
             sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=args.steps,
                                                         pct_start=0.05)  # fmt: skip

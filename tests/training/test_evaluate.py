@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 
 from m2core.tokenizers.text import TextTokenizer
-from training.data.shards import label_leads, load_meta
+from training.data.shards import load_meta
 from training.eval import metrics as M
 from training.eval.evaluate import evaluate, main
+from training.eval.steering import label_leads
 
 
 def test_pck_ade_fde_by_hand():

@@ -105,20 +105,6 @@ class Shards:
         return out
 
 
-def label_leads(clip: np.ndarray, frame: np.ndarray, action: np.ndarray, lag: int):
-    """(rows, shown): the samples whose label differs from their clip's label `lag` frames
-    earlier, and that earlier label (the action the pose still shows). A frame's label names
-    the action a few frames ahead, so near a switch the pose still shows the last one."""
-    label = {(int(c), int(f)): int(a) for c, f, a in zip(clip, frame, action, strict=True)}
-    rows, shown = [], []
-    for i, (c, f, a) in enumerate(zip(clip, frame, action, strict=True)):
-        before = label.get((int(c), int(f) - lag))
-        if before is not None and before != int(a):
-            rows.append(i)
-            shown.append(before)
-    return np.asarray(rows, np.int64), np.asarray(shown, np.int64)
-
-
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
 
