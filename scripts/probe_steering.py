@@ -10,7 +10,7 @@ run 20).
   (`model.motion_action` today);
 - `film`: the shape features scaled and shifted per action;
 - `deep`: the added row, then one more hidden layer, so the action and the shape interact
-  (run 20 tried it in the model as well, `model.motion_layers`, and removed it again).
+  (docs/model.md, run 20).
 
 Half the training pairs carry their label, as the run's extra pairs do. Scored on the
 held-out clips where the label leads the motion (a frame's label names the action AHEAD
