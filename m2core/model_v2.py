@@ -25,7 +25,7 @@ PRESENT_OF = {"coords_next": "coords", "tok_rgb_next": "tok_rgb"}  # a future's 
 # the config fields the adapters read (each kind takes the ones it knows)
 ADAPTER_OPTIONS = ("image_levels", "query_shape", "future_l2", "stem_layers", "caption_action",
                    "action_classes", "shape_fourier", "motion_head", "motion_dense",
-                   "motion_extent", "motion_action", "read_ce")  # fmt: skip
+                   "motion_extent", "motion_action", "read_ce", "read_heat")  # fmt: skip
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"dim": 192, "enc_layers": 4, "dec_layers": 4, "heads": 6},  # the CPU demo
     "small": {"dim": 512, "enc_layers": 8, "dec_layers": 8, "heads": 8},
@@ -62,6 +62,7 @@ class M2ConfigV2:
     motion_extent: bool = False  # that path's output is in units of the skeleton's own extent
     motion_action: bool = False  # that path also reads the action, where one is given as an input
     read_ce: float = 0.0  # weight of the frame read-out's cross-entropy over cell columns / rows
+    read_heat: bool = False  # that read-out's attention adds a heat map of the frame's embedding
     copy_margin: float = 0.0  # nats a next-frame token must beat the present by (set at export)
 
     def __post_init__(self) -> None:
@@ -231,12 +232,13 @@ class M2ModelV2(nn.Module):
         """Visible inputs -> (the context every decoder layer attends to, key mask or None);
         `x`, their embedding when the caller has it (generation reuses an unchanged frame's)."""
         x = self.embed(ids, mod, pos, valid, query=False) if x is None else x
+        embedded = x
         mask = None if bool(valid.all()) else valid[:, None, None, :]
         for block in self.encoder:
             x = block(x, mask)
         # 4M: the input positions and modalities are added back to the projected output
         context = self.ctx_proj(self.enc_norm(x)) + self._positions(mod, pos, valid)
-        return Inputs(context, mod, pos, valid), mask
+        return Inputs(context, mod, pos, valid, embedded), mask
 
     def _positions(self, mod: Tensor, pos: Tensor, valid: Tensor) -> Tensor:
         B, N = mod.shape
@@ -322,12 +324,25 @@ class M2ModelV2(nn.Module):
                 total, n = whole
                 parts[f"{name}_whole"] = (total.detach(), n.detach())
                 means.append((total / n.clamp(min=1), n > 0))
+        if batch.get("read_rgb") is not None:  # frames for the heat map alone (read_heat)
+            total, n = self.adapters["coords"].heat_loss(
+                self.frame_embedding(batch["read_rgb"]), batch["read_pose"]
+            )
+            parts["coords_heat"] = (total.detach(), n.detach())
+            means.append((total / n.clamp(min=1), n > 0))
         loss = (
             sum(m * has for m, has in means) / sum(has for _, has in means).clamp(min=1)
             if means
             else None
         )
         return parts, loss
+
+    def frame_embedding(self, rgb: Tensor) -> Tensor:
+        """(B, 256) whole frames -> (B, 256, D), as the encoder's input embeds them."""
+        B, n = rgb.shape
+        mod = torch.full_like(rgb, self.names.index("tok_rgb"))
+        pos = torch.arange(n, device=rgb.device).expand(B, n)
+        return self.embed(rgb, mod, pos, torch.ones_like(rgb, dtype=torch.bool), query=False)
 
     # --- accounting --------------------------------------------------------------------
     def param_counts(self) -> dict[str, int]:

@@ -79,6 +79,9 @@ class TrainConfig:
     # Training samples a step whose skeleton now and future also train the forecast's motion
     # path alone (no trunk pass, not counted as tokens); needs model.motion_dense. 0 = off.
     motion_batch: int = 0
+    # Training frames a step that also train the skeleton's heat map alone (through the image
+    # adapter's stem, no trunk pass, not counted as tokens); needs model.read_heat. 0 = off.
+    read_batch: int = 0
     # A second batch every step, of short samples with their own budget and mixtures (say the
     # skeleton alone, a third of a full sample's tokens): {batch_size, input_tokens,
     # target_tokens, alpha_mixtures, weight}; its loss is added times weight. {} = off.
@@ -361,6 +364,11 @@ def _validate(cfg: TrainConfig) -> None:
     need(
         not cfg.motion_batch or bool(cfg.model.get("motion_dense")),
         "motion_batch trains the forecast's motion path: set model.motion_dense",
+    )
+    need(cfg.read_batch >= 0, f"read_batch must be >= 0, got {cfg.read_batch}")
+    need(
+        not cfg.read_batch or bool(cfg.model.get("read_heat")),
+        "read_batch trains the skeleton's heat map: set model.read_heat",
     )
     masking_config(cfg)  # alphas name real modalities, mixtures are well formed
     short_batch(cfg)

@@ -51,10 +51,12 @@ def accumulate(sums: dict[str, list], parts: dict[str, tuple[torch.Tensor, torch
 
 def reduce_ce(acc: Accelerator, sums: dict[str, list], names: tuple[str, ...]) -> dict[str, float]:
     """Sum per-modality (ce, n) over processes -> mean CE per modality and their mean (of
-    the modalities; the auxiliary `action` CE and a format-2 adapter's whole-modality loss
-    (`NAME_whole`), when there are any, are reported beside it)."""
+    the modalities; the auxiliary `action` CE, a format-2 adapter's whole-modality loss
+    (`NAME_whole`) and the heat map's extra frames (`coords_heat`), when there are any, are
+    reported beside it)."""
     zero = torch.zeros((), dtype=torch.float64, device=acc.device)
-    beside = ("action", *(f"{n}_whole" for n in names))  # the same keys on every process
+    # the same keys on every process
+    beside = ("action", "coords_heat", *(f"{n}_whole" for n in names))
     keys = (*names, *beside)
     t = torch.stack([zero + sums.get(n, (0.0, 0))[k] for n in keys for k in (0, 1)])
     t = acc.reduce(t, "sum").cpu().view(-1, 2)

@@ -326,10 +326,11 @@ def _micro_steps(run: _Run, batches, window: Window) -> tuple[torch.Tensor, floa
         for key, source, weight in [*work, ("main", it, 1.0)]:
             t0 = time.perf_counter()
             batch = next(source)
+            key_ = [cfg.seed, run.step, micro, acc.process_index]
             if key == "main" and cfg.motion_batch:  # pairs for the motion path alone
-                key_ = [cfg.seed, run.step, micro, acc.process_index]
-                pairs = run.train_shards.pose_pairs(cfg.motion_batch, key_)
-                batch.update(pairs)
+                batch.update(run.train_shards.pose_pairs(cfg.motion_batch, key_))
+            if key == "main" and cfg.read_batch:  # frames for the heat map alone
+                batch.update(run.train_shards.frames(cfg.read_batch, key_))
             batch = to_device(batch, acc.device)
             wait += time.perf_counter() - t0
             sync = key == "main" and micro == cfg.grad_accum - 1

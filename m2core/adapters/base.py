@@ -44,6 +44,7 @@ class Inputs:
     mod: Tensor  # (B, N) modality index of each input slot
     pos: Tensor  # (B, N)
     valid: Tensor  # (B, N) bool
+    embedded: Tensor | None = None  # (B, N, D) each slot's input embedding, before the encoder
 
 
 class Adapter(nn.Module):

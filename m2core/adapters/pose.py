@@ -11,7 +11,11 @@ as positions and visibility flags read out directly.
   `read_ce` the attention, summed per cell column (x) or row (y), also trains by
   cross-entropy against the true value split between its two nearest cell centres: the
   expected centre's L1 gradient is weak while the attention is spread (integral
-  regression's known slow start; a 1D heatmap target as SimCC's).
+  regression's known slow start; a 1D heatmap target as SimCC's). With `read_heat` the
+  attention's scores add a heat map per joint, a linear map of each image cell's input
+  embedding (the image adapter's conv stem): it also trains alone on extra frames a step
+  (`heat_loss`, training's `read_batch`), which cost the stem but not the trunk, so the
+  frame's cells learn where the joints are from many more frames than the trunk sees.
 - A future coordinate is the present one plus a displacement: with `motion_head`, a linear
   map of the forecast queries' shape features (a path of its own, docs/model.md run 15;
   with `motion_extent` in units of the skeleton's own extent, run 16; with `motion_action`
@@ -128,6 +132,7 @@ class PoseAdapter(Adapter):
         motion_action: bool = False,
         action_classes: int = 0,
         read_ce: float = 0.0,
+        read_heat: bool = False,
         **_: object,
     ):
         super().__init__(mod, dim)
@@ -166,6 +171,10 @@ class PoseAdapter(Adapter):
         if not self.future:  # the spatial read-out over the frame's tokens
             self.query_key = nn.Linear(dim, 64, bias=False)
             self.cell_key = nn.Linear(dim, 64, bias=False)
+            self.heat = nn.Linear(dim, NUM_JOINTS) if read_heat else None
+            if self.heat is not None:  # starts flat: the trunk's attention alone
+                nn.init.zeros_(self.heat.weight)
+                nn.init.zeros_(self.heat.bias)
         else:
             self.flag_gain = nn.Parameter(torch.tensor(3.0))
 
@@ -293,6 +302,9 @@ class PoseAdapter(Adapter):
         q = self.query_key(h)  # (n, 64)
         scores = (q @ keys.reshape(B * N, -1).T).view(len(h), B, N)
         scores = scores[torch.arange(len(h), device=h.device), s.row] / 8.0  # (n, N)
+        if self.heat is not None and ctx.embedded is not None:
+            heat = self.heat(ctx.embedded).float()  # (B, N, joints)
+            scores = scores + heat[s.row, :, (s.pos % TOKENS_PER_POSE) // 3]
         mask = is_img[s.row]
         w = scores.float().masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
         cell = ctx.pos[s.row]
@@ -308,6 +320,12 @@ class PoseAdapter(Adapter):
         p = torch.zeros(len(w), IMAGE_GRID, device=w.device).scatter_add_(
             1, line.clamp(0, IMAGE_GRID - 1), w
         )
+        return torch.where(mask.any(-1), PoseAdapter.split_ce(p, y), 0.0)
+
+    @staticmethod
+    def split_ce(p: Tensor, y: Tensor) -> Tensor:
+        """(n,) cross-entropy of (n, IMAGE_GRID) probabilities over cell lines against value y
+        (frame units) split between its two nearest cell centres."""
         at = (y * IMAGE_GRID - 0.5).clamp(0, IMAGE_GRID - 1)
         lo = at.floor().long()
         hi = (lo + 1).clamp(max=IMAGE_GRID - 1)
@@ -317,8 +335,25 @@ class PoseAdapter(Adapter):
             .scatter_add_(1, lo[:, None], 1 - frac)
             .scatter_add_(1, hi[:, None], frac)
         )
-        ce = -(target * p.clamp(min=1e-6).log()).sum(-1)
-        return torch.where(mask.any(-1), ce, 0.0)
+        return -(target * p.clamp(min=1e-6).log()).sum(-1)
+
+    def heat_loss(self, embedded: Tensor, pose: Tensor) -> tuple[Tensor, Tensor]:
+        """Whole frames' input embeddings (R, G*G, D) and their skeletons (R, 39) -> the heat
+        map alone as a read-out: each joint at its expected cell centre, trained as the
+        trunk's read-out is (L1 plus `read_ce` times the line cross-entropy) -> (summed
+        loss, placed coordinates)."""
+        R, G = len(pose), IMAGE_GRID
+        p = self.heat(embedded).float().transpose(1, 2).softmax(-1).view(R, NUM_JOINTS, G, G)
+        centre = (torch.arange(G, device=p.device) + 0.5) / G
+        lines = torch.stack([p.sum(2), p.sum(3)], 2)  # (R, joints, x / y, G): column, row sums
+        xy = pose.view(R, NUM_JOINTS, 3)[..., :2]
+        keep = (xy >= 0) & (xy < POSE_BINS)
+        y = bin_value(xy.clamp(0, POSE_BINS - 1))
+        err = L1_WEIGHT * ((lines * centre).sum(-1) - y).abs()
+        if self.read_ce:
+            ce = self.split_ce(lines.reshape(-1, G), y.flatten()).view_as(err)
+            err = err + self.read_ce * ce
+        return (err * keep).sum(), keep.sum()
 
     image_index: int = 0  # set by the model: the registry index of the present frame
 

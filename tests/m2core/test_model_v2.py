@@ -172,6 +172,40 @@ def test_read_ce_trains_the_attention_onto_the_true_cell_line():
     assert (bin_value(ids[xy]) - bin_value(labels[xy])).abs().median() < 0.01
 
 
+def test_read_heat_learns_the_joints_from_frames_alone_and_steers_the_read_out():
+    """With read_heat a step's extra frames (training's read_batch) train a heat map per
+    joint over the frame's input embedding, with no trunk pass; the trunk's read-out adds it
+    to its attention, so even with that attention flat it reads the joints where they are."""
+    raw = _raw(np.random.default_rng(0), 0)
+    cfg = MaskingConfig(256, 64, (AlphaSet({"tok_rgb": 1.0}, {"coords": 1.0}),))
+    batch = collate([mask_sample(raw, cfg, np.random.default_rng(1))])  # the whole frame in
+    frames = {"read_rgb": torch.tensor(raw["tok_rgb"])[None],
+              "read_pose": torch.tensor(raw["coords"])[None]}  # fmt: skip
+    model = _model(read_ce=1.0, read_heat=True)
+    parts, _ = model({**batch, **frames})
+    assert set(parts) == {"coords", "coords_heat"} and int(parts["coords_heat"][1]) == 26
+    assert "coords_heat" not in model(batch)[0]  # no extra frames, no term
+    pose = model.adapters["coords"]
+
+    def read_error():
+        ids, labels, s = _readout(model, batch, "coords")
+        xy = s.pos % 3 != 2
+        return (bin_value(ids[xy]) - bin_value(labels[xy])).abs().median().item()
+
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(300):  # the heat map's own term only
+        total, n = pose.heat_loss(model.frame_embedding(frames["read_rgb"]), frames["read_pose"])
+        opt.zero_grad()
+        (total / n).backward()
+        opt.step()
+    torch.nn.init.zeros_(pose.query_key.weight)  # the trunk's own attention: flat
+    torch.nn.init.zeros_(pose.coord_out.weight)  # and no regressed offset
+    assert read_error() < 0.03  # under half a 1/16 cell
+    torch.nn.init.zeros_(pose.heat.weight)
+    torch.nn.init.zeros_(pose.heat.bias)
+    assert read_error() > 0.1  # flat: every joint at the frame's centre
+
+
 def test_text_adapter_overfits_a_batch():
     batch, model = _batch(AlphaSet({"tok_rgb": 1.0}, {"captions": 1.0})), _model()
     before = _mean_losses(model, batch)
@@ -239,6 +273,7 @@ def test_label_adapter_overfits_a_batch():
             "motion_head": True,
             "motion_dense": True,
             "read_ce": 0.5,
+            "read_heat": True,
         },
     ],
 )

@@ -161,3 +161,12 @@ def test_motion_batch_needs_the_motion_path():
         load_config(path, ["motion_batch=64", "model.motion_dense=false"])
     with pytest.raises(ValueError, match="motion_batch must be >= 0"):
         load_config(path, ["motion_batch=-1"])
+
+
+def test_read_batch_needs_the_heat_map():
+    path = REPO / "configs" / "m2-tiny-v2.yaml"
+    assert load_config(path, ["read_batch=64", "model.read_heat=true"]).read_batch == 64
+    with pytest.raises(ValueError, match=r"set model\.read_heat"):
+        load_config(path, ["read_batch=64", "model.read_heat=false"])
+    with pytest.raises(ValueError, match="read_batch must be >= 0"):
+        load_config(path, ["read_batch=-1"])

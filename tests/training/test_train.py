@@ -868,14 +868,15 @@ def test_one_format_2_run_trains_every_parameter_the_served_model_has(prepared, 
     cfg = {**TINY, "data_dir": str(prepared), "output_dir": str(tmp_path / "r"),
            "model": {**TINY["model"], "format": 2, "query_shape": True, "stem_layers": 3,
                      "caption_action": True, "shape_fourier": 16, "motion_head": True,
-                     "motion_dense": True},
+                     "motion_dense": True, "read_ce": 0.5, "read_heat": True},
            "weight_decay": 0.0, "total_tokens": "4096", "short_batch": SHORT,
-           "motion_batch": 8}  # fmt: skip
+           "motion_batch": 8, "read_batch": 4}  # fmt: skip
     res = train(cfg)
     log = (tmp_path / "r" / "logs" / "metrics.jsonl").read_text().splitlines()
     rows = [json.loads(r) for r in log]  # the motion path's own term is logged beside the rest
     for side in ("train", "val"):
         assert any(f"{side}/ce_coords_next_whole" in r for r in rows)
+    assert any("train/ce_coords_heat" in r for r in rows)  # and the heat map's extra frames'
     torch.manual_seed(0)  # train() builds its model right after seeding with cfg.seed
     start = M2ModelV2(model_config(make_config(cfg), load_meta(prepared))).state_dict()
     served = load_checkpoint(res.final_dir).model.state_dict()

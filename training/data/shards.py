@@ -104,6 +104,15 @@ class Shards:
         out["motion_action"] = torch.from_numpy(np.where(rng.random(n) < 0.5, action, -1))
         return out
 
+    def frames(self, n: int, key: list[int]) -> dict[str, torch.Tensor]:
+        """`n` rows drawn by `key` -> their frame and skeleton now (`read_rgb` (n, 256),
+        `read_pose` (n, 39)), the heat map's extra frames."""
+        rows = np.sort(np.random.default_rng([*key, 0x4EA7]).integers(0, len(self), n))
+        return {
+            f"read_{k}": torch.from_numpy(np.asarray(self.arrays[name][rows], dtype=np.int64))
+            for k, name in (("rgb", "tok_rgb"), ("pose", "coords"))
+        }
+
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
