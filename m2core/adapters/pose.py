@@ -337,19 +337,27 @@ class PoseAdapter(Adapter):
         )
         return -(target * p.clamp(min=1e-6).log()).sum(-1)
 
+    def heat_read(self, embedded: Tensor) -> tuple[Tensor, Tensor]:
+        """Whole frames' input embeddings (R, G*G, D) -> each joint's expected cell centre
+        under its heat map alone (R, 13, 2) in frame units, and the map summed per cell
+        column (x) and row (y) (R, 13, 2, G)."""
+        R, G = len(embedded), IMAGE_GRID
+        p = self.heat(embedded).float().transpose(1, 2).softmax(-1).view(R, NUM_JOINTS, G, G)
+        centre = (torch.arange(G, device=p.device) + 0.5) / G
+        lines = torch.stack([p.sum(2), p.sum(3)], 2)
+        return (lines * centre).sum(-1), lines
+
     def heat_loss(self, embedded: Tensor, pose: Tensor) -> tuple[Tensor, Tensor]:
         """Whole frames' input embeddings (R, G*G, D) and their skeletons (R, 39) -> the heat
         map alone as a read-out: each joint at its expected cell centre, trained as the
         trunk's read-out is (L1 plus `read_ce` times the line cross-entropy) -> (summed
         loss, placed coordinates)."""
         R, G = len(pose), IMAGE_GRID
-        p = self.heat(embedded).float().transpose(1, 2).softmax(-1).view(R, NUM_JOINTS, G, G)
-        centre = (torch.arange(G, device=p.device) + 0.5) / G
-        lines = torch.stack([p.sum(2), p.sum(3)], 2)  # (R, joints, x / y, G): column, row sums
+        read, lines = self.heat_read(embedded)
         xy = pose.view(R, NUM_JOINTS, 3)[..., :2]
         keep = (xy >= 0) & (xy < POSE_BINS)
         y = bin_value(xy.clamp(0, POSE_BINS - 1))
-        err = L1_WEIGHT * ((lines * centre).sum(-1) - y).abs()
+        err = L1_WEIGHT * (read - y).abs()
         if self.read_ce:
             ce = self.split_ce(lines.reshape(-1, G), y.flatten()).view_as(err)
             err = err + self.read_ce * ce

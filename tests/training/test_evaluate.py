@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from m2core.tokenizers.pose import PoseTokenizer
 from m2core.tokenizers.text import TextTokenizer
 from training.data.shards import load_meta
 from training.eval import metrics as M
@@ -188,7 +189,8 @@ def test_report_has_the_designed_keys_and_honest_baselines(trained, tmp_path):
 
 def test_format_2_report_names_the_action_steers_and_draws_two_actions(trained, tmp_path):
     """A format-2 checkpoint adds the action read-out, steering by action and per-joint
-    confidence to the report, and `steering.gif`: each sample under two actions."""
+    confidence to the report (with read_heat, the heat map's read alone), and `steering.gif`:
+    each sample under two actions."""
     from m2core.chain import generate
     from m2core.checkpoint import load_checkpoint
     from m2core.generate import GenerationConfig
@@ -199,8 +201,9 @@ def test_format_2_report_names_the_action_steers_and_draws_two_actions(trained, 
     res = train({"data_dir": str(data), "output_dir": str(tmp_path / "run"), "batch_size": 4,
                  "num_tokens_per_sample": 64, "total_tokens": "512", "warmup_tokens": "256",
                  "model_preset": "tiny", "eval_interval": 0, "checkpoint_interval": 0,
-                 "model": {"format": 2, "dim": 32, "heads": 2, "enc_layers": 1, "dec_layers": 1},
-                 "num_workers": 0, "cpu": True})  # fmt: skip
+                 "model": {"format": 2, "dim": 32, "heads": 2, "enc_layers": 1, "dec_layers": 1,
+                           "read_ce": 0.2, "read_heat": True},
+                 "read_batch": 4, "num_workers": 0, "cpu": True})  # fmt: skip
     out = tmp_path / "eval"
     report = evaluate(res.final_dir, data, out, samples=4, batch_size=4, gifs=2, maskgit_steps=1)
     now = np.load(data / "val" / "tok_rgb.npy").astype(np.int64)
@@ -214,6 +217,16 @@ def test_format_2_report_names_the_action_steers_and_draws_two_actions(trained, 
         GenerationConfig(maskgit_steps=1, temperature=0.0),
     )
     assert report["action"]["from_frame"] == pytest.approx((g.action.numpy() == truth).mean())
+    # read_heat: the heat map's read alone is reported beside the read-out's, per group too
+    with torch.no_grad():
+        emb = model.frame_embedding(torch.from_numpy(now))
+        xy = model.adapters["coords"].heat_read(emb)[0].numpy()
+    pose = PoseTokenizer().decode(np.load(data / "val" / "coords.npy").astype(np.int64))
+    scale = M.person_scale(np.load(data / "val" / "bbox.npy"))
+    heat = M.pck(M.normalised_errors(xy, pose[..., :2], scale), pose[..., 2] > 0.5)
+    assert report["coords"]["heat_alone_pck@0.05"] == pytest.approx(heat)
+    assert set(report["coords"]["heat_alone_pck@0.05_by_group"]) == set(M.JOINT_GROUPS)
+    assert "the heat map alone" in (out / "report.md").read_text()
     # the skeleton alone, by the masking path: every token of the true skeleton in, no frame
     raws = [{"coords": c, "action": a} for c, a in zip(np.load(data / "val" / "coords.npy"), truth, strict=True)]  # fmt: skip
     mcfg = MaskingConfig(64, 64, (AlphaSet({"coords": 1.0}, {"action": 1.0}),))

@@ -161,6 +161,8 @@ def evaluate(
     conf_now: list[np.ndarray] = []
     wgen = torch.Generator().manual_seed(seed)
     frame_next, frame_rgb = [], []
+    heat = v2 and getattr(model.adapters["coords"], "heat", None) is not None
+    heat_now: list[np.ndarray] = []  # the heat map's read alone (model.read_heat)
     with torch.no_grad():
         for i in tqdm(range(0, len(rows), batch_size), desc="eval", unit="batch"):
             r = rows[i : i + batch_size]
@@ -205,6 +207,9 @@ def evaluate(
                 # does the action read the skeleton at all? (its shape names the action)
                 alone = _adapter_scores(model, full_batch(full, names, ["coords"], "action"))[2]
                 actions["skeleton_alone"].append(alone.numpy())
+                if heat:
+                    emb = model.frame_embedding(full["tok_rgb"])
+                    heat_now.append(model.adapters["coords"].heat_read(emb)[0].numpy())
                 conf = a.confidence["coords"].view(-1, 13, 3)
                 conf_now.append((conf[..., 0] * conf[..., 1]).numpy())
 
@@ -234,6 +239,12 @@ def evaluate(
             **M.forecast_metrics(pose.decode_future(np.concatenate(frame_next), strict=False), gt_next, scale),
             "zero_velocity": M.forecast_metrics(M.zero_velocity(p_now, 6), gt_next, scale)},
     }  # fmt: skip
+    if heat_now:  # what the stem's heat map reads alone, beside the trunk's read-out above
+        err = M.normalised_errors(np.concatenate(heat_now), gt_now[..., :2], scale)
+        report["coords"]["heat_alone_pck@0.05"] = M.pck(err, gt_now[..., 2] > 0.5)
+        report["coords"]["heat_alone_pck@0.05_by_group"] = {
+            g: M.pck(err[:, j], gt_now[:, j, 2] > 0.5) for g, j in M.JOINT_GROUPS.items()
+        }
     if v2:
         truth_a = np.asarray(A["action"][rows], np.int64)
         report["action"] = {

@@ -57,7 +57,12 @@ def markdown(r: dict[str, Any]) -> str:
     groups = r["coords"].get("pck@0.05_by_group")
     if groups:
         lines += ["| joint group | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|",
-                  "| PCK@0.05 from the frame | " + " | ".join(_f(v) for v in groups.values()) + " |", ""]  # fmt: skip
+                  "| PCK@0.05 from the frame | " + " | ".join(_f(v) for v in groups.values()) + " |"]  # fmt: skip
+        heat = r["coords"].get("heat_alone_pck@0.05_by_group")
+        if heat:
+            lines += [f"| the heat map alone ({_f(r['coords']['heat_alone_pck@0.05'])} in all) | "
+                      + " | ".join(_f(heat[g]) for g in groups) + " |"]  # fmt: skip
+        lines += [""]
     conf = r["coords"].get("confidence")
     if conf:
         lines += [f"Per-joint confidence (the skeleton read from the frame): AUROC {_f(conf['auroc'])} for "
