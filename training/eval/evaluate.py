@@ -161,7 +161,7 @@ def evaluate(
     conf_now: list[np.ndarray] = []
     wgen = torch.Generator().manual_seed(seed)
     frame_next, frame_rgb = [], []
-    heat = v2 and getattr(model.adapters["coords"], "heat", None) is not None
+    heat = v2 and mc.read_heat
     heat_now: list[np.ndarray] = []  # the heat map's read alone (model.read_heat)
     with torch.no_grad():
         for i in tqdm(range(0, len(rows), batch_size), desc="eval", unit="batch"):
@@ -232,7 +232,7 @@ def evaluate(
                         "zero_velocity": M.forecast_metrics(M.zero_velocity(gt_now, 6), gt_next, scale),
                         "constant_velocity": M.forecast_metrics(M.constant_velocity(gt_now, gt_prev, offsets), gt_next, scale)},
         "coords": {"pck@0.05": M.pck(err_now, gt_now[..., 2] > 0.5),
-                   "pck@0.05_by_group": {g: M.pck(err_now[:, j], gt_now[:, j, 2] > 0.5) for g, j in M.JOINT_GROUPS.items()},
+                   "pck@0.05_by_group": M.pck_by_group(err_now, gt_now[..., 2] > 0.5),
                    "flag_accuracy": float(((p_now[..., 2] > 0.5) == (gt_now[..., 2] > 0.5)).mean()),
                    "flag_all_visible": float((gt_now[..., 2] > 0.5).mean())},
         "coords_next_from_frame": {
@@ -242,9 +242,7 @@ def evaluate(
     if heat_now:  # what the stem's heat map reads alone, beside the trunk's read-out above
         err = M.normalised_errors(np.concatenate(heat_now), gt_now[..., :2], scale)
         report["coords"]["heat_alone_pck@0.05"] = M.pck(err, gt_now[..., 2] > 0.5)
-        report["coords"]["heat_alone_pck@0.05_by_group"] = {
-            g: M.pck(err[:, j], gt_now[:, j, 2] > 0.5) for g, j in M.JOINT_GROUPS.items()
-        }
+        report["coords"]["heat_alone_pck@0.05_by_group"] = M.pck_by_group(err, gt_now[..., 2] > 0.5)
     if v2:
         truth_a = np.asarray(A["action"][rows], np.int64)
         report["action"] = {

@@ -44,6 +44,11 @@ def pck(err: np.ndarray, visible: np.ndarray, threshold: float = 0.05) -> float:
     return float((err[vis] < threshold).mean()) if vis.any() else float("nan")
 
 
+def pck_by_group(err: np.ndarray, visible: np.ndarray, threshold: float = 0.05) -> dict[str, float]:
+    """(N, 13) errors and visibility -> PCK per joint group (head, shoulders, ...)."""
+    return {g: pck(err[:, j], visible[:, j], threshold) for g, j in JOINT_GROUPS.items()}
+
+
 def forecast_metrics(
     pred: np.ndarray, gt: np.ndarray, scale: np.ndarray, threshold: float = 0.05
 ) -> dict:
